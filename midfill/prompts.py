@@ -1,0 +1,141 @@
+"""Prompt building: fill-in-the-middle (SPM and PSM orders) and Refact's chat format, within a budget.
+
+Prompts are built as token ids, piece by piece: the sentinels are ids and the user's text is
+encoded as plain text, so code that contains "<fim_prefix>" cannot break the prompt. The result
+equals encoding the whole prompt string, because special tokens split the text before BPE.
+
+Over-budget prompts are trimmed at line boundaries. FIM split: the suffix may take up to
+`suffix_share` (default 25%) of the budget, or more if the prefix leaves room; the prefix takes
+the rest. The prefix loses whole lines from its start, the suffix whole lines from its end, so
+the text next to the cursor is kept. Only if the cursor's own line is too long is it cut inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from midfill.errors import MidfillError
+from midfill.tokenizer import Tokenizer
+
+FimOrder = Literal["spm", "psm"]
+FIM_ORDERS = ("spm", "psm")
+SUFFIX_SHARE = 0.25
+CHAT_ROLES = {"system": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
+
+
+def fim_prompt_spm(tok: Tokenizer, prefix: str, suffix: str, budget: int | None = None) -> list[int]:
+    """Refact's IDE order: `<|endoftext|><fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>`.
+
+    Everything up to the cursor comes last, so while the user types only the tail changes and a
+    prefix KV cache stays valid.
+    """
+    prefix_ids, suffix_ids = fit_prefix_suffix(tok, prefix, suffix, budget, n_sentinels=4)
+    return [tok.eot_id, tok.fim_suffix_id, *suffix_ids, tok.fim_prefix_id, *prefix_ids, tok.fim_middle_id]
+
+
+def fim_prompt_psm(tok: Tokenizer, prefix: str, suffix: str, budget: int | None = None) -> list[int]:
+    """The model card's order: `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`."""
+    prefix_ids, suffix_ids = fit_prefix_suffix(tok, prefix, suffix, budget, n_sentinels=3)
+    return [tok.fim_prefix_id, *prefix_ids, tok.fim_suffix_id, *suffix_ids, tok.fim_middle_id]
+
+
+def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, order: str = "spm", budget: int | None = None) -> list[int]:
+    if order == "spm":
+        return fim_prompt_spm(tok, prefix, suffix, budget)
+    if order == "psm":
+        return fim_prompt_psm(tok, prefix, suffix, budget)
+    raise MidfillError(f"unknown FIM order {order!r}; use 'spm' or 'psm'")
+
+
+def fit_prefix_suffix(
+    tok: Tokenizer, prefix: str, suffix: str, budget: int | None, n_sentinels: int, suffix_share: float = SUFFIX_SHARE
+) -> tuple[list[int], list[int]]:
+    """Token ids of prefix and suffix, trimmed so that they and the sentinels fit in `budget`."""
+    prefix_ids, suffix_ids = tok.encode(prefix), tok.encode(suffix)
+    if budget is None:
+        return prefix_ids, suffix_ids
+    room = budget - n_sentinels
+    if room < 1:
+        raise MidfillError(f"prompt budget of {budget} tokens is too small for a FIM prompt; raise the context size")
+    if len(prefix_ids) + len(suffix_ids) <= room:
+        return prefix_ids, suffix_ids
+    suffix_cap = max(int(room * suffix_share), room - len(prefix_ids))
+    suffix_room = min(len(suffix_ids), suffix_cap)
+    prefix_room = room - suffix_room
+    if len(prefix_ids) > prefix_room:
+        prefix_ids = keep_last_lines(tok, prefix, prefix_room)
+    if len(suffix_ids) > suffix_room:
+        suffix_ids = keep_first_lines(tok, suffix, suffix_room)
+    return prefix_ids, suffix_ids
+
+
+def keep_last_lines(tok: Tokenizer, text: str, max_tokens: int) -> list[int]:
+    """Ids of the longest tail of whole lines of `text` that fits in max_tokens."""
+    lines = text.splitlines(keepends=True)
+    lo, hi = 0, len(lines) - 1  # find the smallest start line whose tail fits
+    if len(tok.encode(lines[-1])) > max_tokens:
+        return tok.encode(lines[-1])[-max_tokens:] if max_tokens > 0 else []
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tok.encode("".join(lines[mid:]))) <= max_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    return tok.encode("".join(lines[lo:]))
+
+
+def keep_first_lines(tok: Tokenizer, text: str, max_tokens: int) -> list[int]:
+    """Ids of the longest head of whole lines of `text` that fits in max_tokens."""
+    lines = text.splitlines(keepends=True)
+    if len(tok.encode(lines[0])) > max_tokens:
+        return tok.encode(lines[0])[:max_tokens]
+    lo, hi = 1, len(lines)  # find the largest number of leading lines that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.encode("".join(lines[:mid]))) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tok.encode("".join(lines[:lo]))
+
+
+@dataclass
+class ChatMessage:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+def chat_turn_ids(tok: Tokenizer, message: ChatMessage) -> list[int]:
+    role = CHAT_ROLES.get(message.role)
+    if role is None:
+        raise MidfillError(f"unknown chat role {message.role!r}; use one of {', '.join(CHAT_ROLES)}")
+    return [tok.empty_output_id, *tok.encode(f"{role} {message.content}\n")]
+
+
+def chat_prompt(tok: Tokenizer, messages: Sequence[ChatMessage], budget: int | None = None) -> list[int]:
+    """`<empty_output>SYSTEM {system}\\n<empty_output>USER {query}\\n...<empty_output>ASSISTANT`.
+
+    Over budget, the oldest user/assistant turns are dropped first; system messages and the
+    last user message are always kept.
+    """
+    if not messages or messages[-1].role != "user":
+        raise MidfillError("a chat prompt must end with a user message")
+    turns = [chat_turn_ids(tok, m) for m in messages]
+    reply = [tok.empty_output_id, *tok.encode("ASSISTANT")]
+    keep = [True] * len(messages)
+    if budget is not None:
+        total = sum(map(len, turns)) + len(reply)
+        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+        for i in droppable:
+            if total <= budget:
+                break
+            keep[i] = False
+            total -= len(turns[i])
+        if total > budget:
+            raise MidfillError(
+                f"the chat prompt needs {total} tokens even with old turns dropped, over the budget of {budget}; "
+                "shorten the message or raise the context size"
+            )
+    return [t for turn, kept in zip(turns, keep) if kept for t in turn] + reply

@@ -1,0 +1,32 @@
+"""Small builders the tests share: tiny random models and a corpus that every machine has."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from midfill.model import GPTRefactForCausalLM, RefactConfig
+
+
+def tiny_config(**overrides) -> RefactConfig:
+    sizes = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, torch_dtype="float32")
+    return RefactConfig(**{**sizes, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPTRefactForCausalLM:
+    torch.manual_seed(seed)
+    model = GPTRefactForCausalLM(tiny_config(**overrides))
+    with torch.no_grad():  # LayerNorm weights away from 1 so a wrong norm would show
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def stdlib_texts(limit: int = 40) -> list[str]:
+    """Python standard library sources: a corpus present on every machine."""
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(folder.glob("*.py"))[:limit]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
