@@ -1,7 +1,7 @@
 """Generation: KV-cached decoding, sampling, stop rules and streaming text."""
 
 from midfill.engine.assembler import TextAssembler
-from midfill.engine.generate import generate, stream_text
+from midfill.engine.decode import generate, stream_text
 from midfill.engine.sampling import Sampler, SamplingParams
 from midfill.engine.stops import StopRules, cursor_indent
 
