@@ -52,7 +52,9 @@ class MultiQueryAttention(nn.Module):
         k, v = k[:, None], v[:, None]
         if self.fp32_softmax:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if bias.dtype != q.dtype:  # clamp first, so masked entries stay finite in a narrower dtype
+            bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.c_proj(out.to(x.dtype).view(batch, n_tok, n_embd))
 
 
