@@ -131,7 +131,7 @@ def complete(
         raise MidfillError(f"unknown --order {order!r}; use spm or psm")
     if file is not None:
         prefix, suffix = cursor_split(file, line, column)
-    rules = StopRules(mode=mode, cursor_indent=cursor_indent(prefix))  # type: ignore[arg-type]
+    rules = StopRules.for_mode(mode, cursor_indent(prefix))
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
     net, tok = load(model, tokenizer, dtype, device)
     budget = prompt_budget(net, ctx, max_tokens)

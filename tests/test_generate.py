@@ -70,7 +70,7 @@ def test_context_overflow_is_a_clear_error(model):
 
 def test_stream_text_joins_to_the_final_text(model, small_tokenizer):
     prompt = small_tokenizer.encode("def add(a, b):\n    return")
-    assembler = TextAssembler(small_tokenizer, StopRules(mode="free"))
+    assembler = TextAssembler(small_tokenizer, StopRules())
     deltas = list(stream_text(model, prompt, assembler, max_new_tokens=20, stop_ids=[]))
     expected_ids = midfill.generate(model, prompt, max_new_tokens=20, stop_ids=[])
     assert assembler.token_ids == expected_ids

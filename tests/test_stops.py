@@ -28,32 +28,32 @@ def test_cursor_indent():
 
 
 def test_single_line_stops_at_newline(refact_tokenizer):
-    text, deltas, asm = run(refact_tokenizer, "return a + b\n    print(x)\n", StopRules(mode="single-line"))
+    text, deltas, asm = run(refact_tokenizer, "return a + b\n    print(x)\n", StopRules.for_mode("single-line"))
     assert text == "return a + b"
     assert "".join(deltas) == text and asm.finish_reason == "stop"
 
 
 def test_single_line_empty_completion(refact_tokenizer):
-    text, deltas, _ = run(refact_tokenizer, "\n    other()\n", StopRules(mode="single-line"))
+    text, deltas, _ = run(refact_tokenizer, "\n    other()\n", StopRules.for_mode("single-line"))
     assert text == "" and deltas == []
 
 
 def test_multi_line_stops_at_smaller_indent(refact_tokenizer):
     generated = "total = 0\n    for x in xs:\n        total += x\n    return total\ndef next_function():\n"
-    text, deltas, _ = run(refact_tokenizer, generated, StopRules(mode="multi-line", cursor_indent=4))
+    text, deltas, _ = run(refact_tokenizer, generated, StopRules.for_mode("multi-line", cursor_indent=4))
     assert text == "total = 0\n    for x in xs:\n        total += x\n    return total"
     assert "".join(deltas) == text
 
 
 def test_multi_line_stops_at_blank_line(refact_tokenizer):
-    text, _, _ = run(refact_tokenizer, "a = 1\nb = 2\n\nc = 3\n", StopRules(mode="multi-line"))
+    text, _, _ = run(refact_tokenizer, "a = 1\nb = 2\n\nc = 3\n", StopRules.for_mode("multi-line"))
     assert text == "a = 1\nb = 2"
-    text, _, _ = run(refact_tokenizer, "a = 1\n    \nc = 3\n", StopRules(mode="multi-line"))
+    text, _, _ = run(refact_tokenizer, "a = 1\n    \nc = 3\n", StopRules.for_mode("multi-line"))
     assert text == "a = 1"
 
 
 def test_multi_line_trims_trailing_whitespace_at_eot(refact_tokenizer):
-    text, deltas, asm = run(refact_tokenizer, "x = 1\n    y = 2\n   ", StopRules(mode="multi-line"), finish="stop")
+    text, deltas, asm = run(refact_tokenizer, "x = 1\n    y = 2\n   ", StopRules.for_mode("multi-line"), finish="stop")
     assert text == "x = 1\n    y = 2" and "".join(deltas) == text
 
 
@@ -66,7 +66,7 @@ def test_stop_string_never_streamed_in_part(refact_tokenizer):
 
 
 def test_earliest_stop_wins(refact_tokenizer):
-    rules = StopRules(stop_strings=("END", "STOP"), mode="multi-line")
+    rules = StopRules.for_mode("multi-line", stop_strings=("END", "STOP"))
     text, _, _ = run(refact_tokenizer, "a STOP b END\n\n", rules)
     assert text == "a"
 
@@ -91,4 +91,10 @@ def test_empty_stop_string_rejected():
     with pytest.raises(MidfillError):
         StopRules(stop_strings=("",))
     with pytest.raises(MidfillError, match="unknown completion mode"):
-        StopRules(mode="two-lines")  # type: ignore[arg-type]
+        StopRules.for_mode("two-lines")
+
+
+def test_min_indent_alone_does_not_stop_at_blank_lines(refact_tokenizer):
+    rules = StopRules(min_indent=4)  # llama.cpp's n_indent
+    text, _, _ = run(refact_tokenizer, "a = 1\n\n    b = 2\nc = 3\n", rules)
+    assert text == "a = 1\n\n    b = 2"

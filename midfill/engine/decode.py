@@ -64,7 +64,7 @@ def decode_steps(
             return
         if seen is not None:
             seen[rows, next_ids] = True
-        logits = model(next_ids[:, None], attention_mask=mask[:, : cache.length + 1], cache=cache)
+        logits = model(next_ids[:, None], attention_mask=mask[:, : cache.span + 1], cache=cache)
 
 
 def generate(

@@ -9,11 +9,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 from midfill.errors import MidfillError
 
-LineMode = Literal["free", "single-line", "multi-line"]
 LINE_MODES = ("free", "single-line", "multi-line")
 
 
@@ -29,38 +26,51 @@ def cursor_indent(prefix: str) -> int:
 @dataclass(frozen=True)
 class StopRules:
     stop_strings: tuple[str, ...] = ()
-    mode: LineMode = "free"
-    cursor_indent: int = 0
+    single_line: bool = False  # end at the first newline
+    stop_at_blank_line: bool = False  # end before a blank line
+    min_indent: int | None = None  # end before a non-blank line indented less than this
     trim_trailing_whitespace: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in LINE_MODES:
-            raise MidfillError(f"unknown completion mode {self.mode!r}; use one of {', '.join(LINE_MODES)}")
         if any(s == "" for s in self.stop_strings):
             raise MidfillError("stop strings must not be empty")
 
+    @classmethod
+    def for_mode(cls, mode: str, cursor_indent: int = 0, stop_strings: tuple[str, ...] = ()) -> "StopRules":
+        """The rules of a completion mode: free, single-line or multi-line."""
+        if mode == "free":
+            return cls(stop_strings)
+        if mode == "single-line":
+            return cls(stop_strings, single_line=True, trim_trailing_whitespace=True)
+        if mode == "multi-line":
+            return cls(stop_strings, stop_at_blank_line=True, min_indent=cursor_indent, trim_trailing_whitespace=True)
+        raise MidfillError(f"unknown completion mode {mode!r}; use one of {', '.join(LINE_MODES)}")
+
     @property
     def trims(self) -> bool:
-        return self.trim_trailing_whitespace or self.mode != "free"
+        line_rules = self.single_line or self.stop_at_blank_line or self.min_indent is not None
+        return self.trim_trailing_whitespace or line_rules
 
     def find_end(self, text: str) -> int | None:
         """Index where the completion ends, if a stop condition has appeared in `text`."""
         ends = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
-        if self.mode == "single-line" and "\n" in text:
+        if self.single_line and "\n" in text:
             ends.append(text.index("\n"))
-        elif self.mode == "multi-line":
-            end = self._multi_line_end(text)
+        if self.stop_at_blank_line or self.min_indent is not None:
+            end = self._line_end(text)
             if end is not None:
                 ends.append(end)
         return min(ends) if ends else None
 
-    def _multi_line_end(self, text: str) -> int | None:
+    def _line_end(self, text: str) -> int | None:
         lines = text.split("\n")
         newline_at = len(lines[0])
         for i, line in enumerate(lines[1:], start=1):
             content = line.lstrip(" \t")
             complete = i < len(lines) - 1
-            if (complete and not content) or (content and indent_of(line) < self.cursor_indent):
+            if self.stop_at_blank_line and complete and not content:
+                return newline_at
+            if self.min_indent is not None and content and indent_of(line) < self.min_indent:
                 return newline_at
             newline_at += 1 + len(line)
         return None

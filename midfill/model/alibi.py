@@ -21,26 +21,17 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def attention_bias(
-    slopes: torch.Tensor,
-    query_start: int,
-    n_query: int,
-    key_mask: torch.Tensor,
-) -> torch.Tensor:
+def attention_bias(slopes: torch.Tensor, query_pos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """Additive float32 bias of shape [B, T, H, S]: ALiBi plus causal and padding masks.
 
-    Queries sit at absolute positions query_start..query_start+T-1 and keys at 0..S-1, with
+    query_pos [B, T] holds each query's absolute position; keys sit at 0..S-1 with
     S = key_mask.shape[1]. The bias is -slope*(i-j), which differs from the reference's
     slope*(j+1) only by a per-row constant that softmax ignores; because it depends on i-j alone,
     a left-padded row attends exactly as the same row without padding. Masked entries get the
     most negative finite float, so a row with no visible key stays finite instead of NaN.
     """
-    device = key_mask.device
-    n_key = key_mask.shape[1]
-    q_pos = torch.arange(query_start, query_start + n_query, device=device)
-    k_pos = torch.arange(n_key, device=device)
-    distance = (q_pos[:, None] - k_pos[None, :]).to(torch.float32)  # [T, S]
-    bias = -distance[:, None, :] * slopes.to(device)[None, :, None]  # [T, H, S]
-    visible = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask.bool()[:, None, :]  # [B, T, S]
-    bias = bias[None].expand(key_mask.shape[0], -1, -1, -1)
+    k_pos = torch.arange(key_mask.shape[1], device=key_mask.device)
+    distance = (query_pos[:, :, None] - k_pos).to(torch.float32)  # [B, T, S]
+    bias = -distance[:, :, None, :] * slopes.to(key_mask.device)[:, None]  # [B, T, H, S]
+    visible = (k_pos <= query_pos[:, :, None]) & key_mask.bool()[:, None, :]  # [B, T, S]
     return bias.masked_fill(~visible[:, :, None, :], torch.finfo(torch.float32).min)

@@ -122,21 +122,26 @@ class GPTRefactForCausalLM(nn.Module):
         """Logits [B, T, vocab] for input_ids [B, T].
 
         attention_mask ([B, past+T], 1 = real token, 0 = padding) covers the cached positions too.
-        With a cache, the new tokens are appended to it and attend to everything before them.
+        With a cache, each row's new tokens are appended after that row's cached ones and attend
+        to everything before them; rows may hold different lengths.
         If `hidden_states` is a list, the residual stream after the embedding and after each block
         is appended to it.
         """
         batch, n_tok = input_ids.shape
-        start = cache.length if cache is not None else 0
+        offsets = torch.arange(n_tok, device=input_ids.device)
+        if cache is None:
+            query_pos, span = offsets.expand(batch, n_tok), n_tok
+        else:
+            query_pos, span = cache.lengths[:, None] + offsets, cache.span + n_tok
         if attention_mask is None:
-            attention_mask = torch.ones(batch, start + n_tok, dtype=torch.bool, device=input_ids.device)
-        elif attention_mask.shape != (batch, start + n_tok):
+            attention_mask = torch.ones(batch, span, dtype=torch.bool, device=input_ids.device)
+        elif attention_mask.shape != (batch, span):
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, start + n_tok)} "
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, span)} "
                 "(batch, cached + new tokens)"
             )
-        bias = attention_bias(self.alibi_slopes, start, n_tok, attention_mask)
-        bias = bias.view(batch, 1, n_tok * self.config.n_head, start + n_tok)
+        bias = attention_bias(self.alibi_slopes, query_pos, attention_mask)
+        bias = bias.view(batch, 1, n_tok * self.config.n_head, span)
 
         x = self.transformer.wte(input_ids)
         if hidden_states is not None:
@@ -146,5 +151,5 @@ class GPTRefactForCausalLM(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
         if cache is not None:
-            cache.length += n_tok
+            cache.advance(n_tok)
         return self.lm_head(self.ln_f(x))

@@ -1,0 +1,53 @@
+"""The one internal request type every protocol is translated into, and what comes back."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from midfill.engine.sampling import SamplingParams
+from midfill.engine.stops import StopRules
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    rules: StopRules = field(default_factory=StopRules)
+    stop_ids: frozenset[int] = frozenset({0})
+    # llama.cpp's t_max_predict_ms: once this long has passed since the first token and a newline
+    # has been generated, stop (an editor would rather have a few lines now than many later).
+    max_predict_ms: float | None = None
+    slot: int | None = None  # a newer request on the same slot cancels this one
+    cache_prompt: bool = True  # offer this request's KV to later requests
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # "eos", "stop" (a stop rule or string), "length", "time" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    prompt_ms: float
+    predicted_ms: float
+    ttft_ms: float = 0.0  # from submission to the first sampled token
+
+    @classmethod
+    def empty(cls, request: "GenerationRequest", reason: str) -> "GenerationResult":
+        return cls("", reason, len(request.prompt_ids), 0, 0, 0.0, 0.0)
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class Finished:
+    result: GenerationResult
