@@ -214,6 +214,45 @@ def strip_leading_space(deltas: Iterator[str]) -> Iterator[str]:
 
 @app.command()
 @user_errors
+def serve(
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8008,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="MIDFILL_API_KEY", help="Require this key (Authorization: Bearer).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(min=0, help="Waiting requests beyond which 503 is answered.")] = 64,
+    ctx: CtxOpt = None,
+    prefix_cache_mb: Annotated[float, typer.Option(min=0, help="Memory for reusable prompt KV.")] = 512.0,
+    fim_order: Annotated[str, typer.Option(help="FIM order for prompts built here: spm or psm.")] = "spm",
+    name: Annotated[Optional[str], typer.Option(help="Model name clients see (default: the folder's).")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Serve completions and chat over HTTP: OpenAI, Refact and llama.cpp protocols."""
+    import uvicorn  # the server stack is imported only when serving: it slows every other command
+
+
+    from midfill.engine.scheduler import Engine
+    from midfill.server.app import create_app
+    from midfill.server.state import ServerSettings
+
+    if fim_order not in FIM_ORDERS:
+        raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
+    net, tok = load(model, tokenizer, dtype, device)
+    engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
+    settings = ServerSettings(model_name=name or Path(str(model)).name, api_key=api_key or None, fim_order=fim_order)
+    err.print(
+        f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, {net.dtype}, {net.device}, "
+        f"context {engine.ctx}) at http://{host}:{port}" + (" with an API key" if api_key else "")
+    )
+    uvicorn.run(create_app(engine, tok, settings), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
 def info(
     model: ModelOpt = None,
     tokenizer: TokenizerOpt = None,

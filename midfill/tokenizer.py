@@ -70,8 +70,11 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str | None:
         return self._special_aware.id_to_token(token_id)
 
+    def to_json(self) -> str:
+        return self._special_aware.to_str(pretty=True)
+
     def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, self._special_aware.to_str(pretty=True))
+        write_text_atomic(path, self.to_json())
 
 
 def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:

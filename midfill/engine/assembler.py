@@ -23,6 +23,7 @@ class TextAssembler:
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.stopping_word = ""  # the stop string that ended the text, if one did
         self._pending: list[int] = []
         self._emitted = 0
 
@@ -41,7 +42,7 @@ class TextAssembler:
         self.text += piece
         end = self.rules.find_end(self.text)
         if end is not None:
-            return self._close(self.text[:end], "stop")
+            return self._stop_at(end)
         safe = self.rules.safe_length(self.text)
         delta = self.text[self._emitted : safe] if safe > self._emitted else ""
         self._emitted = max(self._emitted, safe)
@@ -54,8 +55,12 @@ class TextAssembler:
             self._pending.clear()
         end = self.rules.find_end(self.text)
         if end is not None:
-            return self._close(self.text[:end], "stop")
+            return self._stop_at(end)
         return self._close(self.text, reason)
+
+    def _stop_at(self, end: int) -> str:
+        self.stopping_word = next((s for s in self.rules.stop_strings if self.text.startswith(s, end)), "")
+        return self._close(self.text[:end], "stop")
 
     def _close(self, text: str, reason: str) -> str:
         self.text = self.rules.finalize(text)

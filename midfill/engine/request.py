@@ -37,6 +37,7 @@ class GenerationResult:
     prompt_ms: float
     predicted_ms: float
     ttft_ms: float = 0.0  # from submission to the first sampled token
+    stopping_word: str = ""  # the stop string that ended the text, if one did
 
     @classmethod
     def empty(cls, request: "GenerationRequest", reason: str) -> "GenerationResult":

@@ -164,8 +164,6 @@ class Engine:
         self.active.append(seq)
         if request.cancelled.is_set():
             seq.finish_reason = "cancelled"
-        elif request.max_new_tokens == 0:
-            seq.finish_reason = "length"
         else:
             try:
                 self._prefill(seq, row=len(self.active) - 1)
@@ -174,7 +172,10 @@ class Engine:
                 seq.finish_reason = "error"
 
     def _prefill(self, seq: Sequence, row: int) -> None:
-        """Run the prompt's uncached tail into the sequence's row and sample its first token."""
+        """Run the prompt's uncached tail into the sequence's row and sample its first token.
+
+        With max_new_tokens == 0 (llama.cpp's n_predict 0) only the prompt runs, to warm the cache.
+        """
         started = time.perf_counter()
         prompt = torch.tensor(seq.request.prompt_ids, device=self.model.device)
         n_cached, entry = self.prefix_cache.lookup(prompt)
@@ -191,6 +192,9 @@ class Engine:
         if seq.request.sampling.repetition_penalty != 1.0:
             seq.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.model.device)
             seq.seen[0, prompt] = True
+        if seq.request.max_new_tokens == 0:  # a cache warm-up: the prompt's KV is all it wanted
+            seq.finish_reason = "length"
+            return
         self._accept(seq, int(seq.sampler(logits[:, -1], seq.seen)[0]))
 
     def _step(self) -> None:
@@ -273,6 +277,7 @@ class Engine:
             prompt_ms=seq.prompt_ms,
             predicted_ms=(end - first) * 1000,
             ttft_ms=(first - seq.submitted_at) * 1000,
+            stopping_word=seq.assembler.stopping_word,
         )
 
     @staticmethod

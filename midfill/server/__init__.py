@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI, Refact and llama.cpp protocols over one engine."""

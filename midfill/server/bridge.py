@@ -1,0 +1,90 @@
+"""Between the engine thread and asyncio: submit requests, receive their events as an async stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+
+from starlette.requests import Request
+
+from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
+from midfill.engine.scheduler import Engine
+from midfill.server.metrics import Metrics
+
+DISCONNECT_POLL_S = 0.05
+
+
+class EngineCall:
+    """One HTTP request's generations (several for n > 1 or a list of prompts), as one event stream.
+
+    Leaving `events()` early (a client that disconnected) cancels whatever is still running; the
+    engine notices before its next decode step.
+    """
+
+    def __init__(self, engine: Engine, metrics: Metrics, route: str, requests: Sequence[GenerationRequest]) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.route = route
+        self.requests = list(requests)
+        self.results: list[GenerationResult | None] = [None] * len(self.requests)
+        self._queue: asyncio.Queue[tuple[int, TextDelta | Finished]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        try:
+            for index, request in enumerate(self.requests):
+                engine.submit(request, self._sink(loop, index))
+        except Exception:
+            self.cancel()
+            raise
+
+    def _sink(self, loop: asyncio.AbstractEventLoop, index: int):
+        def sink(event: TextDelta | Finished) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
+
+        return sink
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, TextDelta | Finished]]:
+        """(index, event) pairs until every generation has finished."""
+        pending = len(self.requests)
+        try:
+            while pending:
+                index, event = await self._queue.get()
+                if isinstance(event, Finished):
+                    self.results[index] = event.result
+                    self.metrics.observe_result(self.route, event.result)
+                    pending -= 1
+                yield index, event
+        finally:
+            if pending:
+                self.cancel()
+
+    async def results_unless_disconnected(self, http: Request) -> list[GenerationResult] | None:
+        """Wait for all results; None (and everything cancelled) if the client goes away first."""
+        collect = asyncio.ensure_future(self._drain())
+        try:
+            while not collect.done():
+                if await http.is_disconnected():
+                    self.cancel()
+                    await collect
+                    return None
+                await asyncio.wait([collect], timeout=DISCONNECT_POLL_S)
+            return collect.result()
+        finally:
+            if not collect.done():
+                self.cancel()
+                collect.cancel()
+
+    async def _drain(self) -> list[GenerationResult]:
+        async for _ in self.events():
+            pass
+        return [r for r in self.results if r is not None]
+
+
+def sse_event(data: dict | str) -> str:
+    """One server-sent event carrying JSON (or a bare marker such as [DONE])."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n"

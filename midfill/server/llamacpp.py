@@ -1,0 +1,228 @@
+"""llama.cpp's server protocol: /infill (llama.vim, llama.vscode), /completion and /health.
+
+Differences from llama.cpp, on purpose:
+- /infill appends `prompt` (the typed part of the cursor line) to `input_prefix` instead of
+  placing it after <fim_middle>: Refact models were trained with the whole line in the prefix.
+- `input_extra` chunks go before the FIM prompt as "\\n\\n--- snippet ---\\n\\n{text}", llama.cpp's
+  format for models without repository tokens; the oldest chunks are dropped first to fit.
+- `tokens_cached` counts prompt tokens whose KV was reused from earlier requests.
+- Sampling options other than temperature, top_k, top_p, repeat_penalty and seed are accepted
+  and ignored; `n_probs` > 0 is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
+
+from midfill.engine.request import Finished, GenerationRequest, GenerationResult
+from midfill.engine.sampling import SamplingParams
+from midfill.engine.stops import StopRules
+from midfill.errors import MidfillError
+from midfill.prompts import fim_prompt
+from midfill.server.bridge import EngineCall, sse_event
+from midfill.server.state import ServerState, WireModel, get_state
+
+router = APIRouter()
+SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"
+INFINITE_PREDICT_RESERVE = 256  # room kept for the answer when n_predict is -1
+
+
+def error_body(status: int, message: str) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+            503: "unavailable_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"code": status, "message": message, "type": kind}}
+
+
+class CompletionRequest(WireModel):
+    prompt: str | list[int] = ""
+    n_predict: int = Field(-1, ge=-1)
+    temperature: float = Field(0.8, ge=0, le=10)
+    top_k: int = Field(40, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0)
+    seed: int = -1
+    stop: list[str] = []
+    stream: bool = False
+    cache_prompt: bool = True
+    id_slot: int = -1
+    n_indent: int = Field(0, ge=0)
+    t_max_predict_ms: int = Field(0, ge=0)
+    response_fields: list[str] | None = None
+    n_probs: int = 0
+    # accepted and ignored (llama.cpp sampler settings midfill does not implement)
+    t_max_prompt_ms: int | None = None
+    samplers: list[str] | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    n_keep: int | None = None
+    min_keep: int | None = None
+    ignore_eos: bool | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    timings_per_token: bool | None = None
+    return_tokens: bool | None = None
+    post_sampling_probs: bool | None = None
+    lora: list[dict[str, Any]] | None = None
+
+
+class ExtraChunk(WireModel):
+    text: str
+    filename: str = "tmp"
+    time: Any = None  # llama.vim sends when it saw the chunk
+
+
+class InfillRequest(CompletionRequest):
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraChunk] = []
+
+
+def sampling(body: CompletionRequest) -> SamplingParams:
+    if body.n_probs > 0:
+        raise MidfillError("n_probs is not supported by this server; leave it at 0")
+    return SamplingParams(body.temperature, body.top_k, body.top_p, body.repeat_penalty, None if body.seed < 0 else body.seed)
+
+
+def check_predict(body: CompletionRequest, ctx: int) -> int:
+    if body.n_predict >= ctx:
+        raise MidfillError(f"n_predict is {body.n_predict}, but the context is {ctx} tokens")
+    return INFINITE_PREDICT_RESERVE if body.n_predict < 0 else body.n_predict
+
+
+def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[int], budget: int) -> list[int]:
+    extra: list[int] = []
+    for chunk in reversed(chunks):  # the newest chunks are last; keep those
+        chunk_ids = state.tok.encode(SNIPPET_SEPARATOR + chunk.text)
+        if len(extra) + len(chunk_ids) + len(ids) > budget:
+            break
+        extra = chunk_ids + extra
+    return extra + ids
+
+
+def generation(body: CompletionRequest, state: ServerState, ids: list[int], reserve: int, rules: StopRules) -> GenerationRequest:
+    n_new = state.ctx - len(ids) if body.n_predict < 0 else reserve
+    return GenerationRequest(
+        ids,
+        n_new,
+        sampling(body),
+        rules,
+        frozenset({state.tok.eot_id}),
+        max_predict_ms=body.t_max_predict_ms or None,
+        slot=None if body.id_slot < 0 else body.id_slot,
+        cache_prompt=body.cache_prompt,
+    )
+
+
+@router.post("/infill")
+async def infill(body: InfillRequest, http: Request, state: ServerState = Depends(get_state)):
+    reserve = check_predict(body, state.ctx)
+    prefix = body.input_prefix + body.prompt if isinstance(body.prompt, str) else body.input_prefix
+    budget = state.ctx - reserve
+    ids = fim_prompt(state.tok, prefix, body.input_suffix, state.settings.fim_order, budget=budget)
+    ids = with_extra_context(state, body.input_extra, ids, budget)
+    rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None)
+    return await respond(body, http, state, generation(body, state, ids, reserve, rules), "/infill", truncated=False)
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
+    reserve = check_predict(body, state.ctx)
+    ids = state.tok.encode_with_special(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+    if not ids:
+        raise MidfillError("prompt is empty")
+    if any(not 0 <= t < state.tok.vocab_size for t in ids):
+        raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
+    budget = state.ctx - reserve
+    truncated = len(ids) > budget
+    ids = ids[-budget:]  # like llama.cpp: an over-long prompt keeps its end
+    rules = StopRules(tuple(s for s in body.stop if s))
+    return await respond(body, http, state, generation(body, state, ids, reserve, rules), "/completion", truncated)
+
+
+def final_body(body: CompletionRequest, state: ServerState, result: GenerationResult, truncated: bool, content: str) -> dict:
+    stop_type = {"eos": "eos", "length": "limit", "time": "limit", "cancelled": "none"}.get(
+        result.finish_reason, "word" if result.stopping_word else "limit"
+    )
+    prompt_n = result.prompt_tokens - result.cached_tokens
+    return {
+        "index": 0,
+        "content": content,
+        "tokens": [],
+        "id_slot": body.id_slot,
+        "stop": True,
+        "model": state.settings.model_name,
+        "tokens_predicted": result.completion_tokens,
+        "tokens_evaluated": result.prompt_tokens,
+        "generation_settings": {"n_predict": body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
+                                "top_p": body.top_p, "seed": body.seed, "n_ctx": state.ctx},
+        "has_new_line": "\n" in result.text,
+        "truncated": truncated,
+        "stop_type": stop_type,
+        "stopping_word": result.stopping_word,
+        "tokens_cached": result.cached_tokens,
+        "timings": {
+            "prompt_n": prompt_n,
+            "prompt_ms": result.prompt_ms,
+            "prompt_per_token_ms": result.prompt_ms / max(prompt_n, 1),
+            "prompt_per_second": 1000 * prompt_n / max(result.prompt_ms, 1e-6),
+            "predicted_n": result.completion_tokens,
+            "predicted_ms": result.predicted_ms,
+            "predicted_per_token_ms": result.predicted_ms / max(result.completion_tokens, 1),
+            "predicted_per_second": 1000 * result.completion_tokens / max(result.predicted_ms, 1e-6),
+        },
+    }
+
+
+def pick_fields(data: dict, paths: list[str] | None) -> dict:
+    """llama.cpp's response_fields: only the named paths, flattened with the path as key ("timings/prompt_n")."""
+    if not paths:
+        return data
+    picked = {}
+    for path in paths:
+        value: Any = data
+        for part in path.split("/"):
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            picked[path] = value
+    return picked
+
+
+async def respond(body: CompletionRequest, http: Request, state: ServerState, request: GenerationRequest, route: str, truncated: bool):
+    call = EngineCall(state.engine, state.metrics, route, [request])
+    if body.stream:
+        async def stream():
+            async for _, event in call.events():
+                if isinstance(event, Finished):
+                    final = final_body(body, state, event.result, truncated, "")
+                    yield sse_event(pick_fields(final, body.response_fields))
+                else:
+                    yield sse_event({"index": 0, "content": event.text, "tokens": [], "stop": False, "id_slot": body.id_slot})
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    results = await call.results_unless_disconnected(http)
+    if results is None:
+        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    result = results[0]
+    if result.finish_reason == "error":
+        raise RuntimeError("generation failed inside the engine")
+    return pick_fields(final_body(body, state, result, truncated, result.text), body.response_fields)
+
+
+@router.get("/health")
+@router.get("/v1/health")
+async def health():
+    return {"status": "ok"}

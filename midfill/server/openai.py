@@ -1,0 +1,275 @@
+"""OpenAI-compatible API: /v1/completions (with FIM via `suffix`), /v1/chat/completions, /v1/models.
+
+A prompt without `suffix` is used as given, special tokens included (refact-lsp and Continue
+build FIM prompts client-side). With `suffix`, the server builds the FIM prompt in its own order
+(SPM by default) and trims prefix and suffix to fit. A raw prompt that does not fit the context
+with `max_tokens` is a 400, as with OpenAI.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
+
+from midfill.engine.request import Finished, GenerationRequest, GenerationResult
+from midfill.engine.sampling import SamplingParams
+from midfill.engine.stops import StopRules
+from midfill.errors import MidfillError
+from midfill.prompts import ChatMessage, chat_prompt, fim_prompt
+from midfill.server.bridge import EngineCall, sse_event
+from midfill.server.state import ServerState, WireModel, get_state
+
+router = APIRouter()
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_TOKENS = 512
+
+
+def error_body(status: int, message: str) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class CompletionRequest(WireModel):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    suffix: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # what newer refact-lsp sends
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    # Accepted so that clients which send their defaults work; anything but the default is a 400.
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    meta: dict | None = None  # refact-lsp's request metadata
+
+
+class ContentPart(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(WireModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(WireModel):
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    meta: dict | None = None
+
+
+def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    if body.logprobs:
+        raise MidfillError("logprobs is not supported by this server; leave it out")
+    if getattr(body, "best_of", None) not in (None, 1):
+        raise MidfillError("best_of is not supported by this server; use n")
+    if body.presence_penalty or body.frequency_penalty:
+        raise MidfillError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+    if body.logit_bias:
+        raise MidfillError("logit_bias is not supported by this server")
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 32:
+        raise MidfillError(f"stop has {len(stops)} entries; at most 32 are allowed")
+    return tuple(s for s in stops if s)
+
+
+def max_new_tokens(body: CompletionRequest | ChatCompletionRequest, default: int, ctx: int) -> int:
+    value = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    value = default if value is None else value
+    if value >= ctx:
+        raise MidfillError(f"max_tokens is {value}, but the context is {ctx} tokens; ask for fewer")
+    return value
+
+
+def sampling(body: CompletionRequest | ChatCompletionRequest, choice: int) -> SamplingParams:
+    seed = None if body.seed is None else body.seed + choice  # n samples must differ, yet repeat
+    temperature = 1.0 if body.temperature is None else body.temperature
+    return SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=seed)
+
+
+def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) -> list[tuple[list[int], str]]:
+    """Token ids and echo text of each prompt in the request."""
+    prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else [body.prompt]
+    budget = state.ctx - n_new
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            if any(not 0 <= t < state.tok.vocab_size for t in prompt):
+                raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
+            ids, text = list(prompt), state.tok.decode(prompt)
+        elif body.suffix is not None:
+            ids, text = fim_prompt(state.tok, prompt, body.suffix, state.settings.fim_order, budget=budget), prompt
+        else:
+            ids, text = state.tok.encode_with_special(prompt), prompt
+        if not ids:
+            raise MidfillError("prompt is empty")
+        if len(ids) > budget:
+            raise MidfillError(
+                f"the prompt is {len(ids)} tokens; with max_tokens {n_new} it exceeds the context of "
+                f"{state.ctx} tokens; shorten the prompt or lower max_tokens"
+            )
+        out.append((ids, text))
+    return out
+
+
+def finish_reason(result: GenerationResult) -> str:
+    return "length" if result.finish_reason in ("length", "time") else "stop"
+
+
+def usage(results: list[GenerationResult]) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def server_error_if_failed(results: list[GenerationResult]) -> None:
+    if any(r.finish_reason == "error" for r in results):
+        raise RuntimeError("generation failed inside the engine")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
+    reject_unsupported(body)
+    n_new = max_new_tokens(body, DEFAULT_COMPLETION_TOKENS, state.ctx)
+    stops = stop_strings(body.stop)
+    prompts = completion_prompts(state, body, n_new)
+    requests = [
+        GenerationRequest(ids, n_new, sampling(body, choice), StopRules(stops), frozenset({state.tok.eot_id}))
+        for ids, _ in prompts
+        for choice in range(body.n)
+    ]
+    echo = [text if body.echo else "" for _, text in prompts for _ in range(body.n)]
+    call = EngineCall(state.engine, state.metrics, "/v1/completions", requests)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.settings.model_name}
+
+    if body.stream:
+        async def stream():
+            for index, text in enumerate(echo):
+                if text:
+                    yield sse_event({**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
+            async for index, event in call.events():
+                if isinstance(event, Finished):
+                    if event.result.finish_reason == "error":
+                        yield sse_event(error_body(500, "generation failed inside the engine"))
+                        continue
+                    choice = {"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason(event.result)}
+                else:
+                    choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": None}
+                yield sse_event({**base, "choices": [choice]})
+            if (body.stream_options or {}).get("include_usage"):
+                yield sse_event({**base, "choices": [], "usage": usage([r for r in call.results if r])})
+            yield sse_event("[DONE]")
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    results = await call.results_unless_disconnected(http)
+    if results is None:
+        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    server_error_if_failed(results)
+    choices = [
+        {"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": finish_reason(r)}
+        for i, r in enumerate(results)
+    ]
+    return {**base, "choices": choices, "usage": usage(results)}
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    return [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request, state: ServerState = Depends(get_state)):
+    reject_unsupported(body)
+    n_new = max_new_tokens(body, min(DEFAULT_CHAT_TOKENS, state.ctx // 2), state.ctx)
+    ids = chat_prompt(state.tok, chat_messages(body), budget=state.ctx - n_new)
+    stop_ids = frozenset({state.tok.eot_id, state.tok.empty_output_id})
+    rules = StopRules(stop_strings(body.stop), trim_trailing_whitespace=True)
+    requests = [GenerationRequest(ids, n_new, sampling(body, c), rules, stop_ids) for c in range(body.n)]
+    call = EngineCall(state.engine, state.metrics, "/v1/chat/completions", requests)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.settings.model_name}
+
+    if body.stream:
+        async def stream():
+            chunk = {**base, "object": "chat.completion.chunk"}
+            for index in range(body.n):
+                yield sse_event({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            started = [False] * body.n  # the model answers "ASSISTANT" with a space first
+            async for index, event in call.events():
+                if isinstance(event, Finished):
+                    if event.result.finish_reason == "error":
+                        yield sse_event(error_body(500, "generation failed inside the engine"))
+                        continue
+                    choice = {"index": index, "delta": {}, "finish_reason": finish_reason(event.result)}
+                else:
+                    text = event.text if started[index] else event.text.lstrip()
+                    started[index] = started[index] or bool(text)
+                    if not text:
+                        continue
+                    choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
+                yield sse_event({**chunk, "choices": [choice]})
+            if (body.stream_options or {}).get("include_usage"):
+                yield sse_event({**chunk, "choices": [], "usage": usage([r for r in call.results if r])})
+            yield sse_event("[DONE]")
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    results = await call.results_unless_disconnected(http)
+    if results is None:
+        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    server_error_if_failed(results)
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": r.text.strip()}, "logprobs": None,
+         "finish_reason": finish_reason(r)}
+        for i, r in enumerate(results)
+    ]
+    return {**base, "object": "chat.completion", "choices": choices, "usage": usage(results)}
+
+
+@router.get("/v1/models")
+async def models(state: ServerState = Depends(get_state)):
+    name = state.settings.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": state.settings.started, "owned_by": "midfill"}]}

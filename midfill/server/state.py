@@ -1,0 +1,44 @@
+"""What every route needs: the engine, tokenizer, metrics and server settings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict
+
+from midfill.engine.scheduler import Engine
+from midfill.server.metrics import Metrics
+from midfill.tokenizer import Tokenizer
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    fim_order: str = "spm"
+    max_body_bytes: int = 8 * 2**20
+    started: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tok: Tokenizer
+    metrics: Metrics
+    settings: ServerSettings
+
+    @property
+    def ctx(self) -> int:
+        return self.engine.ctx
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.midfill
+
+
+class WireModel(BaseModel):
+    """A request body that mirrors a wire protocol: unknown fields are an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")

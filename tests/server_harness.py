@@ -1,0 +1,41 @@
+"""A real server on a free loopback port, in this process, for tests that speak HTTP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+from midfill.engine.scheduler import Engine
+from midfill.server.app import create_app
+from midfill.server.state import ServerSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model, tok, name: str = "tiny", api_key: str | None = None, max_body_bytes: int = 8 * 2**20, **engine_kw):
+    """Yield (base_url, engine) while a uvicorn server runs the app in a background thread."""
+    engine = Engine(model, tok, **engine_kw)
+    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
