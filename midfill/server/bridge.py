@@ -7,6 +7,8 @@ import json
 from collections.abc import AsyncIterator, Sequence
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
 from midfill.engine.scheduler import Engine
@@ -39,6 +41,8 @@ class EngineCall:
 
     def _sink(self, loop: asyncio.AbstractEventLoop, index: int):
         def sink(event: TextDelta | Finished) -> None:
+            if isinstance(event, Finished):  # counted here, even if nobody reads the stream any more
+                self.metrics.observe_result(self.route, event.result)
             loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
 
         return sink
@@ -55,7 +59,6 @@ class EngineCall:
                 index, event = await self._queue.get()
                 if isinstance(event, Finished):
                     self.results[index] = event.result
-                    self.metrics.observe_result(self.route, event.result)
                     pending -= 1
                 yield index, event
         finally:
@@ -88,3 +91,18 @@ def sse_event(data: dict | str) -> str:
     """One server-sent event carrying JSON (or a bare marker such as [DONE])."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {payload}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events from an EngineCall; however the response ends (done, client gone,
+    error), whatever is still generating is cancelled."""
+
+    def __init__(self, call: EngineCall, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.call.cancel()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
@@ -23,7 +23,7 @@ from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt
-from midfill.server.bridge import EngineCall, sse_event
+from midfill.server.bridge import EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -211,7 +211,7 @@ async def respond(body: CompletionRequest, http: Request, state: ServerState, re
                 else:
                     yield sse_event({"index": 0, "content": event.text, "tokens": [], "stop": False, "id_slot": body.id_slot})
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return EventStream(call, stream())
 
     results = await call.results_unless_disconnected(http)
     if results is None:

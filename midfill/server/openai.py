@@ -13,7 +13,7 @@ import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
@@ -21,7 +21,7 @@ from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt
-from midfill.server.bridge import EngineCall, sse_event
+from midfill.server.bridge import EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -204,7 +204,7 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
                 yield sse_event({**base, "choices": [], "usage": usage([r for r in call.results if r])})
             yield sse_event("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return EventStream(call, stream())
 
     results = await call.results_unless_disconnected(http)
     if results is None:
@@ -255,7 +255,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Se
                 yield sse_event({**chunk, "choices": [], "usage": usage([r for r in call.results if r])})
             yield sse_event("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return EventStream(call, stream())
 
     results = await call.results_unless_disconnected(http)
     if results is None:

@@ -11,7 +11,7 @@ import itertools
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from midfill.engine.request import Finished, GenerationRequest
@@ -19,7 +19,7 @@ from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules, cursor_indent
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt
-from midfill.server.bridge import EngineCall, sse_event
+from midfill.server.bridge import EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -162,7 +162,7 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
                 yield sse_event({**base, "choices": [choice]})
             yield sse_event("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return EventStream(call, stream())
 
     results = await call.results_unless_disconnected(http)
     if results is None:
