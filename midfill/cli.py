@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -248,6 +249,7 @@ def serve(
         f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, {net.dtype}, {net.device}, "
         f"context {engine.ctx}) at http://{host}:{port}" + (" with an API key" if api_key else "")
     )
+    logging.basicConfig(level=logging.INFO, format="midfill: %(message)s")
     uvicorn.run(create_app(engine, tok, settings), host=host, port=port, log_level="warning")
 
 

@@ -139,3 +139,43 @@ def test_hub_id_offline_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "smallcloudai/Refact-1_6B-fim" in proc.stderr and "--model /path/to/folder" in proc.stderr
+
+
+def test_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    from midfill.server.background import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "midfill.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port), "--name", "tiny"],
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
+            time.sleep(0.1)
+        reply = httpx.post(f"http://127.0.0.1:{port}/infill", json={"input_prefix": "x", "n_predict": 3}).json()
+        assert reply["tokens_predicted"] <= 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    startup = proc.stderr.read()
+    assert f"http://127.0.0.1:{port}" in startup and "serving tiny" in startup and "float32" in startup
+    assert "stopped; 0 unfinished requests cancelled" in startup  # the lifespan's shutdown ran
+    assert "Traceback" not in startup
+
+
+def test_serve_bad_option(tiny_model_dir):
+    assert_user_error(invoke("serve", "--model", tiny_model_dir, "--fim-order", "mps"), "unknown --fim-order")

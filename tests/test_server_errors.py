@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from tests.helpers import tiny_model
-from tests.server_harness import running_server
+from midfill.server.background import running_server
 
 KEY = "sekrit"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -20,7 +20,7 @@ class GenerationRequest:
     # has been generated, stop (an editor would rather have a few lines now than many later).
     max_predict_ms: float | None = None
     slot: int | None = None  # a newer request on the same slot cancels this one
-    cache_prompt: bool = True  # offer this request's KV to later requests
+    cache_prompt: bool = True  # reuse cached KV of earlier prompts, and offer this one's to later requests
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:

@@ -95,12 +95,15 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Stop the engine thread, cancelling what is queued or running; return how many that was."""
         with self.wakeup:
             self.running = False
+            unfinished = len(self.pending) + len(self.active)
             self.wakeup.notify()
         if self.thread is not None:
             self.thread.join()
+        return unfinished
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         """Queue a request; its events go to `sink`, called from the engine thread."""
@@ -178,7 +181,7 @@ class Engine:
         """
         started = time.perf_counter()
         prompt = torch.tensor(seq.request.prompt_ids, device=self.model.device)
-        n_cached, entry = self.prefix_cache.lookup(prompt)
+        n_cached, entry = self.prefix_cache.lookup(prompt) if seq.request.cache_prompt else (0, None)
         n_use = min(n_cached, len(prompt) - 1)  # at least one token must run to give logits
         if entry is not None and n_use > 0:
             self.slab.k[:, row, :n_use] = entry.k[:, :n_use]

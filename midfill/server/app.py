@@ -143,7 +143,8 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
         try:
             yield
         finally:
-            engine.stop()
+            cancelled = engine.stop()
+            log.info("stopped; %d unfinished requests cancelled", cancelled)
 
     app = FastAPI(title="midfill", lifespan=lifespan, dependencies=[Depends(require_api_key)])
     app.state.midfill = ServerState(engine, tok, metrics, settings)

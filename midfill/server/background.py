@@ -1,17 +1,20 @@
-"""A real server on a free loopback port, in this process, for tests that speak HTTP."""
+"""A real server on a free loopback port, in a thread of this process: for tests and benchmarks."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
 
 from midfill.engine.scheduler import Engine
+from midfill.model import GPTRefactForCausalLM
 from midfill.server.app import create_app
 from midfill.server.state import ServerSettings
+from midfill.tokenizer import Tokenizer
 
 
 def free_port() -> int:
@@ -21,9 +24,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model, tok, name: str = "tiny", api_key: str | None = None, max_body_bytes: int = 8 * 2**20, **engine_kw):
+def running_server(
+    model: GPTRefactForCausalLM,
+    tok: Tokenizer,
+    name: str = "tiny",
+    api_key: str | None = None,
+    max_body_bytes: int = 8 * 2**20,
+    **engine_options,
+) -> Iterator[tuple[str, Engine]]:
     """Yield (base_url, engine) while a uvicorn server runs the app in a background thread."""
-    engine = Engine(model, tok, **engine_kw)
+    engine = Engine(model, tok, **engine_options)
     settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, settings), host="127.0.0.1", port=port, log_level="warning"))
@@ -32,7 +42,7 @@ def running_server(model, tok, name: str = "tiny", api_key: str | None = None, m
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
+            raise RuntimeError("the background server did not start")
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}", engine
