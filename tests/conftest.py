@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,19 @@ from midfill.model.checkpoint import save_model
 from midfill.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from tests.helpers import stdlib_texts, tiny_model
 
-# ../shared/golden beside the checkout, or wherever MIDFILL_GOLDEN points.
-SHARED = Path(os.environ.get("MIDFILL_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+def find_golden() -> Path:
+    """$MIDFILL_GOLDEN, else ../shared/golden beside this checkout or beside the one it was cloned from."""
+    if "MIDFILL_GOLDEN" in os.environ:
+        return Path(os.environ["MIDFILL_GOLDEN"])
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [repo.parent / "shared" / "golden"]
+    origin = subprocess.run(["git", "-C", str(repo), "config", "--get", "remote.origin.url"], capture_output=True, text=True)
+    if origin.returncode == 0 and origin.stdout.strip() and "://" not in origin.stdout:
+        candidates.append(Path(origin.stdout.strip()).parent / "shared" / "golden")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED = find_golden()
 GOLDEN_MODEL = SHARED / "refact_tiny"
 GOLDEN_TOKENIZER = SHARED / "refact_tokenizer"
 
