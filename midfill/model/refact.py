@@ -77,9 +77,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNormNoBias(config.n_embd, config.layer_norm_epsilon)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), bias, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, dropout: float = 0.0
+    ) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.ln_1(x), bias, cache, layer), dropout, self.training)
+        return x + F.dropout(self.mlp(self.ln_2(x)), dropout, self.training)
 
 
 class Transformer(nn.Module):
@@ -100,6 +102,7 @@ class GPTRefactForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.source: str | None = None  # the folder it was loaded from, for reports
+        self.dropout = 0.0  # residual dropout while training; the trainer schedules it (early dropout)
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +150,7 @@ class GPTRefactForCausalLM(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, bias, cache, layer)
+            x = block(x, bias, cache, layer, self.dropout)
             if hidden_states is not None:
                 hidden_states.append(x)
         if cache is not None:

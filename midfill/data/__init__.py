@@ -1,0 +1,1 @@
+"""Training data: sources, filters, dedup, packing into token shards, and FIM transforms."""

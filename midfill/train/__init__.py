@@ -1,0 +1,1 @@
+"""Training: configuration and presets, schedules, the trainer loop, checkpoints."""

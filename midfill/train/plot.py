@@ -1,0 +1,37 @@
+"""The loss curve as a PNG, from the run's JSONL metrics log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from midfill.files import atomic_path
+
+
+def plot_losses(metrics_path: Path, png_path: Path, title: str = "loss") -> None:
+    import matplotlib  # imported here: plotting is the only user
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            train.append((row["step"], row["loss"]))
+        if "val_loss" in row:
+            val.append((row["step"], row["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="held-out", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
