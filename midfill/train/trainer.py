@@ -112,9 +112,10 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
 
 
 def autocast(config: TrainConfig, device: torch.device):
-    if config.dtype == "float32":
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, config.dtype))
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 class Run:
