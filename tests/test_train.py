@@ -116,3 +116,9 @@ def test_bad_configs_are_clear_errors(tmp_path, built_data):
     for path, words in cases:
         result = runner.invoke(app, ["train", "--config", str(path)])
         assert result.exit_code == 2 and words in result.stderr, (words, result.output)
+
+
+def test_shipped_configs_parse(tmp_path):
+    for path in (Path(__file__).parents[1] / "configs").glob("*.toml"):
+        config = load_config(path)
+        assert config.shape()["n_positions"] >= config.block_size

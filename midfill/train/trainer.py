@@ -96,7 +96,10 @@ def wrap(model: GPTRefactForCausalLM, config: TrainConfig, cluster: Cluster) -> 
     if cluster.world == 1:
         return model
     if config.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise MidfillError("parallel = 'fsdp' needs torch >= 2.6 (FSDP2's fully_shard)") from None
 
         for block in model.transformer.h:
             fully_shard(block)
