@@ -18,6 +18,7 @@ from rich.table import Table
 
 from midfill.engine import SamplingParams, StopRules, TextAssembler, cursor_indent, stream_text
 from midfill.errors import MidfillError
+from midfill.hub import EMBEDDED_MODEL
 from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model
 from midfill.prompts import FIM_ORDERS, ChatMessage, chat_prompt, fim_prompt
@@ -29,7 +30,9 @@ out = Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., None])
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or hub id (owner/name).")]
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="Model folder or hub id (owner/name); default: the embedded model.")
+]
 TokenizerOpt = Annotated[
     Optional[str], typer.Option(help="tokenizer.json file or folder; default: the model's own.")
 ]
@@ -60,9 +63,17 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def model_or_default(model: str | None) -> str:
+    """The --model given, or the embedded model that ships with midfill."""
+    if model is not None:
+        return model
+    if not (EMBEDDED_MODEL / "model.safetensors").is_file():
+        raise MidfillError("no --model given and this install has no embedded model; pass a model folder or hub id")
+    return str(EMBEDDED_MODEL)
+
+
 def load(model: str | None, tokenizer: str | None, dtype: str, device: str) -> tuple[GPTRefactForCausalLM, Tokenizer]:
-    if model is None:
-        raise MidfillError("no --model given; pass a model folder or a hub id such as smallcloudai/Refact-1_6B-fim")
+    model = model_or_default(model)
     with err.status(f"loading {model} ..."):
         net = load_model(model, dtype=dtype, device=device)
         tok = load_tokenizer(tokenizer if tokenizer is not None else net.source)
@@ -246,7 +257,8 @@ def serve(
         raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
     net, tok = load(model, tokenizer, dtype, device)
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
-    settings = ServerSettings(model_name=name or Path(str(model)).name, api_key=api_key or None, fim_order=fim_order)
+    default_name = "midfill-embedded" if model is None else Path(model).name
+    settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order)
     err.print(
         f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, {net.dtype}, {net.device}, "
         f"context {engine.ctx}) at http://{host}:{port}" + (" with an API key" if api_key else "")
@@ -264,8 +276,7 @@ def info(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Show a model's parameters, dtype, configuration and tokenizer."""
-    if model is None:
-        raise MidfillError("no --model given; pass a model folder or a hub id")
+    model = model_or_default(model)
     with err.status(f"loading {model} ..."):
         net = load_model(model, dtype=dtype, device=device)
     table = Table(title=f"model {net.source}", show_header=False)
@@ -364,6 +375,68 @@ def data_build(
     table.add_row("pack", f"{d['docs_out']:,}", "", "", "", f"train {tokens['train']:,} tokens, val {tokens['val']:,} tokens")
     out_console = Console(highlight=False, width=160)
     out_console.print(table)
+
+
+@data_app.command("fim-synth")
+@user_errors
+def data_fim_synth(
+    sources: Annotated[list[str], typer.Argument(help="Folders, git repositories or .jsonl/.parquet shards of code.")],
+    out: Annotated[Path, typer.Option(help="Folder for the example shards.")],
+    tokenizer: Annotated[Path, typer.Option(help="tokenizer.json to tokenize with.")],
+    examples: Annotated[int, typer.Option(min=1, help="Examples in all.")] = 20000,
+    instruct_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of instruction (chat) examples.")] = 0.15,
+    mix: Annotated[str, typer.Option(help="Synthetic FIM kinds and weights.")] = "empty=0.1,single=0.45,multi=0.45",
+    seed: Annotated[int, typer.Option(help="Seed for the cuts and the shuffle.")] = 0,
+) -> None:
+    """Build the finetune mix: synthetic FIM that teaches stopping, plus instruction pairs from code."""
+    from midfill.data.filters import FilterConfig, reject_reason
+    from midfill.data.fim_synth import DEFAULT_KINDS, SynthConfig
+    from midfill.data.finetune_mix import MixConfig, build_finetune_mix
+    from midfill.data.sources import iter_source
+
+    kinds = {}
+    for item in mix.split(","):
+        name, _, weight = item.partition("=")
+        if name not in DEFAULT_KINDS or not weight.replace(".", "", 1).isdigit():
+            raise MidfillError(f"--mix {item!r}: expected KIND=WEIGHT with KIND one of {', '.join(DEFAULT_KINDS)}")
+        kinds[name] = float(weight)
+    tok = load_tokenizer(tokenizer)
+    filters = FilterConfig(natural_language_text=False)
+    with err.status("reading sources ..."):
+        docs = [d for source in sources for d in iter_source(source) if reject_reason(d, filters) is None]
+    config = MixConfig(examples=examples, instruct_fraction=instruct_fraction, seed=seed, synth=SynthConfig(kinds=kinds))
+    with err.status(f"cutting {examples:,} examples from {len(docs):,} files ..."):
+        manifest = build_finetune_mix(docs, tok, tokenizer, out, config)
+    tokens = sum(s["tokens"] for s in manifest["splits"]["train"])
+    out_console = Console(highlight=False)
+    out_console.print(f"{out}: {tokens:,} training tokens; examples: "
+                      + ", ".join(f"{k} {v:,}" for k, v in sorted(manifest["examples_per_kind"].items())))
+
+
+recipe_app = typer.Typer(help="Recipes: whole pipelines in one command.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("embedded")
+@user_errors
+def recipe_embedded(
+    out: Annotated[Path, typer.Option(help="Work folder; rerun with the same folder to resume.")],
+    until_step: Annotated[Optional[int], typer.Option(min=1, help="Pause each training stage after this step.")] = None,
+    install: Annotated[bool, typer.Option(help="Copy the result into this package's assets.")] = False,
+) -> None:
+    """Reproduce the embedded model: stdlib corpus, tokenizer, pretraining, finetune mix, finetune, eval."""
+    import shutil
+
+    from midfill.recipe import embedded_recipe
+
+    folder = embedded_recipe(out, until_step=until_step, log=lambda message: err.print(f"recipe: {message}"))
+    if folder is None:
+        err.print(f"recipe: paused; rerun the same command to continue ({out})")
+        return
+    err.print(f"recipe: model written to {folder}")
+    if install:
+        shutil.copytree(folder, EMBEDDED_MODEL, dirs_exist_ok=True)
+        err.print(f"recipe: installed into {EMBEDDED_MODEL}")
 
 
 @app.command("train")

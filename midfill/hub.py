@@ -8,6 +8,7 @@ from pathlib import Path
 
 from midfill.errors import MidfillError
 
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "embedded"  # shipped with the package
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Safetensors first; the pickled weights only for a repository that has nothing else.
 HUB_FILES = ["config.json", "tokenizer.json", "*.md", "*.safetensors", "model.safetensors.index.json"]

@@ -87,7 +87,8 @@ def test_missing_model_folder(tmp_path):
     assert_user_error(invoke("complete", "--model", tmp_path / "nope", "--prefix", "x"), "no such model folder")
 
 
-def test_no_model_given():
+def test_no_model_given_and_no_embedded_model(monkeypatch, tmp_path):
+    monkeypatch.setattr("midfill.cli.EMBEDDED_MODEL", tmp_path / "absent")
     assert_user_error(invoke("complete", "--prefix", "x"), "no --model given")
 
 

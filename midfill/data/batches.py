@@ -41,11 +41,22 @@ def fim_window(tokens: TokenShards, tok: Tokenizer, rng: random.Random, length: 
     return ids + [tok.fim_pad_id] * pad, mask + [False] * pad
 
 
+def example_window(tokens: TokenShards, rng: random.Random, length: int) -> tuple[list[int], list[bool]]:
+    """`length` tokens of ready-made examples from a random place, with their own target mask."""
+    start = rng.randrange(max(len(tokens) - length, 1))
+    n = min(length, len(tokens))
+    ids, mask = tokens.window(start, n).tolist(), tokens.mask_window(start, n).tolist()
+    return ids + [0] * (length - n), mask + [False] * (length - n)
+
+
 def make_batch(
     tokens: TokenShards, tok: Tokenizer, seed: int, step: int, indices: range, block_size: int, config: FimConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs [B, T], targets [B, T] and loss mask [B, T] for samples `indices` of step `step`."""
-    rows = [fim_window(tokens, tok, random.Random(sample_seed(seed, step, i)), block_size + 1, config) for i in indices]
+    if tokens.masks is not None:
+        rows = [example_window(tokens, random.Random(sample_seed(seed, step, i)), block_size + 1) for i in indices]
+    else:
+        rows = [fim_window(tokens, tok, random.Random(sample_seed(seed, step, i)), block_size + 1, config) for i in indices]
     ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
     mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]

@@ -76,16 +76,22 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 class TokenShards:
-    """One split's shards as a single read-only sequence of token ids (memory-mapped)."""
+    """One split's shards as a single read-only sequence of token ids (memory-mapped).
+
+    Shards of ready-made examples (the finetune mix) carry a parallel mask: 1 where the token is a
+    training target. Plain documents have none; FIM is applied to them at training time.
+    """
 
     def __init__(self, folder: str | Path, split: str = "train") -> None:
         folder = Path(folder)
         manifest = read_manifest(folder)
         self.eot_id = manifest["eot_id"]
         dtype = np.dtype(manifest["dtype"])
-        self.arrays = [np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in manifest["splits"][split] if s["tokens"]]
-        if not self.arrays:
+        shards = [s for s in manifest["splits"][split] if s["tokens"]]
+        if not shards:
             raise MidfillError(f"{folder}: the {split} split has no tokens; add more data or lower --val-fraction")
+        self.arrays = [np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.masks = [np.memmap(folder / s["mask"], dtype=np.uint8, mode="r") for s in shards] if "mask" in shards[0] else None
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
 
     def __len__(self) -> int:
@@ -93,11 +99,18 @@ class TokenShards:
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens start..start+length-1, across shard boundaries."""
+        return self._slice(self.arrays, start, length)
+
+    def mask_window(self, start: int, length: int) -> np.ndarray:
+        assert self.masks is not None, "these shards hold plain documents, without target masks"
+        return self._slice(self.masks, start, length).astype(bool)
+
+    def _slice(self, arrays: list[np.ndarray], start: int, length: int) -> np.ndarray:
         out, position = [], start
         while length > 0:
             shard = int(np.searchsorted(self.offsets, position, side="right")) - 1
             local = position - int(self.offsets[shard])
-            piece = self.arrays[shard][local : local + length]
+            piece = arrays[shard][local : local + length]
             out.append(np.asarray(piece, dtype=np.int64))
             length -= len(piece)
             position += len(piece)

@@ -32,6 +32,7 @@ class TrainConfig:
     out_dir: str
     preset: str = "tiny"
     model: dict[str, int] = field(default_factory=dict)  # overrides of the preset's shape
+    init_from: str | None = None  # a model folder whose weights start the run (a finetune)
     seed: int = 0
     steps: int = 1000
     micro_batch: int = 8  # sequences per process per micro-step

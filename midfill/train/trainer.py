@@ -29,7 +29,7 @@ from midfill.data.packing import TokenShards, read_manifest
 from midfill.errors import MidfillError
 from midfill.files import write_text_atomic
 from midfill.model import GPTRefactForCausalLM, RefactConfig
-from midfill.model.checkpoint import save_model
+from midfill.model.checkpoint import load_model, save_model
 from midfill.tokenizer import load_tokenizer
 from midfill.train.checkpoint import FULL, load_checkpoint, save_checkpoint
 from midfill.train.config import TrainConfig
@@ -135,6 +135,8 @@ class Run:
         torch.manual_seed(config.seed)
         self.model = GPTRefactForCausalLM(model_config)
         init_weights(self.model)
+        if config.init_from:
+            self.start_from(config.init_from)
         self.model.to(cluster.device)
         self.wrapped = wrap(self.model, config, cluster)
         self.optimizer = make_optimizer(self.wrapped, config)
@@ -142,12 +144,20 @@ class Run:
         self.best_val = float("inf")
         resumed = load_checkpoint(self.out, self.wrapped, self.optimizer)
         if resumed is not None:
-            if resumed["config"] != config.to_dict():
+            if TrainConfig.from_dict(resumed["config"]).to_dict() != config.to_dict():  # settings added later take defaults
                 raise MidfillError(f"{self.out}: holds a run with different settings; use another out_dir or the same config")
             self.step, self.best_val = resumed["step"], resumed["best_val_loss"]
         if cluster.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.trim_metrics()
+
+    def start_from(self, folder: str) -> None:
+        base = load_model(folder)
+        keys = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "mlp_hidden")
+        theirs, ours = ({k: getattr(c, k) for k in keys} for c in (base.config, self.model.config))
+        if theirs != ours:
+            raise MidfillError(f"init_from {folder}: its shape {theirs} differs from this run's {ours}")
+        self.model.load_state_dict(base.state_dict())
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,0 +1,93 @@
+"""MODEL_CARD.md for the embedded model, written from the recipe's own records."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from midfill.train.config import TrainConfig
+
+METRICS = [
+    ("single_line_exact_match", "single-line infill exact match", "{:.1%}"),
+    ("multi_line_stopped_right", 'multi-line infill "stopped at the right line"', "{:.1%}"),
+    ("empty_middle_accuracy", "empty-middle accuracy", "{:.1%}"),
+    ("over_generation_chars", "mean characters generated past the true middle", "{:.1f}"),
+]
+
+
+def run_summary(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    checkpoint_config = json.loads((run / "model" / "config.json").read_text())
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    tail = rows[-20:]
+    return {"steps": len(rows), "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": vals[-1] if vals else None,
+            "config": checkpoint_config}
+
+
+def tokens_per_step(config: TrainConfig) -> int:
+    return config.micro_batch * config.grad_accum * config.block_size
+
+
+def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: TrainConfig, held_out: tuple[str, ...], seed: int) -> str:
+    """The card's markdown; `out` is the recipe folder with the data manifests and both runs."""
+    pre_data = json.loads((out / "pretrain-data" / "manifest.json").read_text())
+    fine_data = json.loads((out / "finetune-data" / "manifest.json").read_text())
+    pre_run, fine_run = run_summary(out / "pretrain"), run_summary(out / "finetune")
+    rows = "\n".join(
+        f"| {label} | {fmt.format(report['pretrain'][key])} | {fmt.format(report['finetune'][key])} |" for key, label, fmt in METRICS
+    )
+    kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(fine_data["examples_per_kind"].items()))
+    counts = report["pretrain"]["examples"]
+    shape = pre.shape()
+    return f"""# midfill embedded model
+
+A small code model of the Refact-1.6B architecture (`GPTRefactForCausalLM`: ALiBi, multi-query
+attention, bias-free LayerNorm, SwiGLU), trained end to end by midfill's own pipeline so that
+`midfill serve`, `complete` and `chat` work offline on a fresh machine. It is a demonstration model:
+it completes Python in the style of the standard library, it is not a general assistant.
+
+| | |
+|---|---|
+| parameters | {n_params:,} (n_embd {shape['n_embd']}, {shape['n_layer']} layers, {shape['n_head']} heads, one K/V head) |
+| context | {shape['n_positions']} tokens (trained on {pre.block_size}-token blocks) |
+| vocabulary | {pre_data['vocab_size']:,} BPE tokens trained by `midfill tokenizer train`'s method (padded to {pre_run['config']['vocab_size']:,}); Refact's special tokens at ids 0..18 |
+| weights | bfloat16 safetensors |
+| seed | {seed} |
+
+## Data
+
+The Python {platform.python_version()} standard library's `.py` sources (PSF License 2.0), without
+its test suites, passed through `midfill data build` (filters, exact and MinHash dedup): {pre_data['stages']['filter']['docs_in']:,}
+files in, {pre_data['stages']['dedup']['docs_out']:,} kept, {sum(s['tokens'] for s in pre_data['splits']['train']):,} training tokens.
+Held out for evaluation, never trained on: {', '.join(f'`{h}`' for h in held_out)}.
+
+## Training
+
+1. **Pretraining**: {pre_run['steps']:,} steps of {tokens_per_step(pre):,} tokens ({pre_run['steps'] * tokens_per_step(pre):,} tokens seen), Lion
+   (lr {pre.lr} -> {pre.min_lr}, warmup {pre.warmup_steps}), early dropout {pre.early_dropout} over the first
+   {pre.early_dropout_fraction:.0%} of steps, FIM rate {pre.fim.fim_rate} (SPM {pre.fim.spm_rate}). Final train loss
+   {pre_run['train_loss']:.3f}, held-out loss {pre_run['val_loss']:.3f} (nats/token).
+2. **Finetune** on the card's mix, from the same training modules: {kinds}
+   ({fine_data['config']['instruct_fraction']:.0%} instruction pairs in the chat format, the rest synthetic FIM whose middle
+   ends at a line end, a blank line or a dedent, followed by <|endoftext|>). {fine_run['steps']:,} steps of {tokens_per_step(fine):,}
+   tokens ({fine_run['steps'] * tokens_per_step(fine):,} tokens seen), Lion lr {fine.lr} -> {fine.min_lr}, loss on the
+   answers only. Final train loss {fine_run['train_loss']:.3f}, held-out loss {fine_run['val_loss']:.3f}.
+
+Loss curves: `loss-pretrain.png`, `loss-finetune.png`.
+
+## Metrics on the held-out modules (greedy, SPM prompts)
+
+{counts['single']} single-line, {counts['multi']} multi-line and {counts['empty']} empty-middle examples cut from the held-out modules
+(`midfill/eval/stopping.py`). Exact match uses the single-line stop rule, as an editor does; the
+other three let only the model's own <|endoftext|> end a completion (at most 96 tokens).
+
+| metric | before finetune | after finetune |
+|---|---|---|
+{rows}
+
+## Licence
+
+Training data: Python standard library, PSF License 2.0. Weights: Apache-2.0, like midfill.
+Reproduce with `midfill recipe embedded --out DIR` (resumable; about an hour on 2 CPU cores).
+"""

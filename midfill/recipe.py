@@ -1,0 +1,157 @@
+"""`midfill recipe embedded`: the whole pipeline that makes the model shipped inside midfill.
+
+Data: the Python standard library's own sources (PSF licence), present on every machine, minus
+its test suites and minus HELD_OUT modules, which are kept for evaluation. Steps, each skipped
+when its output exists and each resumable: corpus -> tokenizer -> data build -> pretraining ->
+finetune mix (85% synthetic FIM, 15% instructions) -> finetune -> evaluation before and after ->
+a bf16 export. Everything is seeded; rerunning the command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from midfill.data.build import BuildConfig, build_dataset
+from midfill.data.documents import Document
+from midfill.data.filters import FilterConfig, reject_reason
+from midfill.data.finetune_mix import MixConfig, build_finetune_mix
+from midfill.eval.stopping import evaluate_stopping, held_out_examples
+from midfill.files import write_text_atomic
+from midfill.model.checkpoint import load_model, save_model
+from midfill.model_card import model_card
+from midfill.tokenizer import load_tokenizer, train_tokenizer
+from midfill.train.config import TrainConfig
+from midfill.train.trainer import train
+
+# Modules the embedded model never trains on: its evaluation set.
+HELD_OUT = ("bisect.py", "calendar.py", "colorsys.py", "difflib.py", "fnmatch.py", "fractions.py", "glob.py",
+            "heapq.py", "shlex.py", "statistics.py", "textwrap.py", "json/")  # fmt: skip
+SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+VOCAB_SIZE = 8192
+SHAPE = dict(n_embd=256, n_layer=6, n_head=8, n_positions=1024)
+SEED = 1234
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_held_out(relative: str) -> bool:
+    return any(relative == h or relative.startswith(h) for h in HELD_OUT)
+
+
+def stdlib_documents(held_out: bool) -> Iterator[Document]:
+    """The standard library's .py files (training part, or the held-out modules)."""
+    root = stdlib_root()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if SKIP_PARTS & set(relative.split("/")[:-1]) or is_held_out(relative) != held_out:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield Document(text=text, path=relative, lang="python", license="psf-2.0", source="python-stdlib")
+
+
+def write_corpus(path: Path, held_out: bool) -> Path:
+    if not path.exists():
+        write_text_atomic(path, "".join(json.dumps({"content": d.text, "path": d.path, "lang": d.lang, "license": d.license})
+                                        + "\n" for d in stdlib_documents(held_out)))
+    return path
+
+
+def pretrain_config(out: Path) -> TrainConfig:
+    return TrainConfig(
+        data=str(out / "pretrain-data"), out_dir=str(out / "pretrain"), preset="tiny", model=SHAPE, seed=SEED,
+        steps=1000, micro_batch=8, grad_accum=1, block_size=512, optimizer="lion", lr=1e-3, min_lr=1e-4,
+        warmup_steps=60, weight_decay=0.1, early_dropout=0.1, early_dropout_fraction=0.1, eval_every=100,
+        eval_batches=4, checkpoint_every=25,
+    )
+
+
+def prepare_pretraining(out: Path, log: Callable[[str], None] = print) -> TrainConfig:
+    """Corpus, tokenizer and token shards for pretraining (each step skipped once done)."""
+    out.mkdir(parents=True, exist_ok=True)
+    train_corpus = write_corpus(out / "corpus-train.jsonl", held_out=False)
+    write_corpus(out / "corpus-heldout.jsonl", held_out=True)
+    tokenizer_path = out / "tokenizer.json"
+    if not tokenizer_path.exists():
+        log("training the tokenizer")
+        texts = (json.loads(line)["content"] for line in train_corpus.read_text(encoding="utf-8").splitlines())
+        train_tokenizer(texts, VOCAB_SIZE).save(tokenizer_path)
+    if not (out / "pretrain-data" / "manifest.json").exists():
+        log("building the pretraining data")
+        build_dataset([str(train_corpus)], out / "pretrain-data", tokenizer_path, BuildConfig(val_fraction=0.02))
+    load_tokenizer(tokenizer_path)
+    return pretrain_config(out)
+
+
+def finetune_config(out: Path) -> TrainConfig:
+    return TrainConfig(
+        data=str(out / "finetune-data"), out_dir=str(out / "finetune"), preset="tiny", model=SHAPE, seed=SEED,
+        init_from=str(out / "pretrain" / "model"), steps=300, micro_batch=8, grad_accum=1, block_size=512,
+        optimizer="lion", lr=3e-4, min_lr=3e-5, warmup_steps=20, weight_decay=0.1, early_dropout=0.0,
+        eval_every=50, eval_batches=4, checkpoint_every=25,
+    )
+
+
+def prepare_finetuning(out: Path, log: Callable[[str], None] = print) -> TrainConfig:
+    """The finetune mix (85% synthetic FIM, 15% instructions) from the training modules."""
+    if not (out / "finetune-data" / "manifest.json").exists():
+        log("building the finetune mix")
+        docs = [Document.from_dict({**json.loads(line), "text": json.loads(line)["content"]})
+                for line in (out / "corpus-train.jsonl").read_text(encoding="utf-8").splitlines()]
+        docs = [d for d in docs if reject_reason(d, FilterConfig()) is None]
+        tok = load_tokenizer(out / "tokenizer.json")
+        build_finetune_mix(docs, tok, out / "tokenizer.json", out / "finetune-data", MixConfig(examples=6000, seed=SEED))
+    return finetune_config(out)
+
+
+def evaluate(out: Path, log: Callable[[str], None] = print) -> dict:
+    """Stopping metrics on the held-out modules, before and after the finetune (cached in eval.json)."""
+    path = out / "eval.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    texts = [json.loads(line)["content"] for line in (out / "corpus-heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    examples = held_out_examples(texts, per_kind=100, seed=SEED)
+    tok = load_tokenizer(out / "tokenizer.json")
+    report = {}
+    for name in ("pretrain", "finetune"):
+        log(f"evaluating the {name} model on the held-out modules")
+        report[name] = asdict(evaluate_stopping(load_model(out / name / "model"), tok, examples))
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def export(out: Path, report: dict) -> Path:
+    """The shipped form: bf16 weights, tokenizer, loss curves and a model card, in out/model."""
+    folder = out / "model"
+    model = load_model(out / "finetune" / "model", dtype="bfloat16")
+    save_model(model, folder)
+    shutil.copy(out / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy(out / "pretrain" / "loss.png", folder / "loss-pretrain.png")
+    shutil.copy(out / "finetune" / "loss.png", folder / "loss-finetune.png")
+    card = model_card(out, model.num_parameters(), report, pretrain_config(out), finetune_config(out), HELD_OUT, SEED)
+    write_text_atomic(folder / "MODEL_CARD.md", card)
+    return folder
+
+
+def embedded_recipe(out: Path, until_step: int | None = None, log: Callable[[str], None] = print) -> Path | None:
+    """Run or resume every step; with until_step, pause pretraining or finetuning after that step."""
+    pretrain = prepare_pretraining(out, log)
+    train(pretrain, until_step=until_step)
+    if not (out / "pretrain" / "model").exists() or read_step(out / "pretrain") < pretrain.steps:
+        return None
+    finetune = prepare_finetuning(out, log)
+    train(finetune, until_step=until_step)
+    if read_step(out / "finetune") < finetune.steps:
+        return None
+    return export(out, evaluate(out, log))
+
+
+def read_step(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0

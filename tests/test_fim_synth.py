@@ -1,0 +1,124 @@
+"""The finetune mix: each synthetic kind is what it claims, instruction pairs are well-formed."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from midfill.data.documents import Document
+from midfill.data.fim_synth import SynthConfig, example_empty, example_multi, example_single, example_tokens
+from midfill.data.finetune_mix import MixConfig, build_finetune_mix
+from midfill.data.instructions import instruction_pairs, pair_tokens
+from midfill.data.packing import TokenShards
+from midfill.engine.stops import indent_of
+from midfill.prompts import ChatMessage, chat_prompt
+from tests.helpers import stdlib_texts
+
+TEXTS = stdlib_texts(30)
+
+
+def rng_examples(make, n=300, seed=0):
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        example = make(rng.choice(TEXTS), rng)
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def test_every_example_reassembles_its_file():
+    for make in (example_empty, example_single, lambda t, r: example_multi(t, r, 12)):
+        for e in rng_examples(make, 100):
+            assert e.prefix + e.middle + e.suffix in TEXTS
+
+
+def test_empty_examples_sit_at_the_end_of_a_complete_line():
+    for e in rng_examples(example_empty):
+        assert e.middle == "" and (e.suffix == "" or e.suffix.startswith("\n"))
+        assert e.prefix.rsplit("\n", 1)[-1].strip()  # the cursor's line has code on it
+
+
+def test_single_examples_are_the_rest_of_one_line():
+    whole_lines = 0
+    for e in rng_examples(example_single):
+        cursor_line = e.prefix.rsplit("\n", 1)[-1]
+        assert "\n" not in e.middle and e.middle.strip()
+        assert e.suffix == "" or e.suffix.startswith("\n")
+        whole_lines += cursor_line.strip() == ""  # from the indentation: the whole line
+    assert 0 < whole_lines < 300  # both "one line" and "rest of a line" occur
+
+
+def test_multi_examples_end_where_the_block_ends():
+    for e in rng_examples(lambda t, r: example_multi(t, r, 12)):
+        cursor_indent = len(e.prefix.rsplit("\n", 1)[-1])
+        lines = e.middle.split("\n")
+        assert 2 <= len(lines) <= 12 and e.prefix.rsplit("\n", 1)[-1].strip() == ""
+        assert all(line.strip() and indent_of(line) >= cursor_indent for line in lines[1:])
+        following = e.suffix.split("\n")[1] if e.suffix.count("\n") >= 1 else None
+        # the next line is blank, dedented below the cursor's line, or the file ends
+        assert following is None or not following.strip() or indent_of(following) < cursor_indent
+
+
+@pytest.mark.parametrize("spm", [True, False])
+def test_example_tokens_end_with_eot_and_train_only_the_middle(small_tokenizer, spm):
+    tok = small_tokenizer
+    e = rng_examples(example_single, 1)[0]
+    ids, mask = example_tokens(tok, e, spm, prompt_tokens=200)
+    middle = ids[ids.index(tok.fim_middle_id) + 1 :]
+    assert middle[-1] == tok.eot_id and tok.decode(middle[:-1]) == e.middle
+    assert [m for m in mask] == [False] * (len(ids) - len(middle)) + [True] * len(middle)
+    assert ids[0] == (tok.fim_suffix_id if spm else tok.fim_prefix_id)
+
+
+SOURCE = '''
+def clamp(value, low, high):
+    """Limit a number to the closed range between low and high, inclusive."""
+    if value < low:
+        return low
+    return min(value, high)
+
+
+def _private(x):
+    """Private helpers are not used for instructions at all."""
+    return x
+
+
+def short(x):
+    """Too short."""
+    return x
+'''
+
+
+def test_instruction_pairs_from_documented_functions(small_tokenizer):
+    pairs = list(instruction_pairs(SOURCE))
+    assert [p.kind for p in pairs] == ["write", "explain"]
+    write, explain = pairs
+    assert write.query.startswith("Write a Python function `clamp(value, low, high)`: Limit a number")
+    assert write.answer.startswith("```python\ndef clamp(") and write.answer.endswith("```")
+    assert "Limit a number" not in explain.query and "return min(value, high)" in explain.query
+    assert explain.answer == "Limit a number to the closed range between low and high, inclusive."
+    ids, mask = pair_tokens(small_tokenizer, write)
+    prompt = chat_prompt(small_tokenizer, [ChatMessage("system", "You are a programming assistant"), ChatMessage("user", write.query)])
+    assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
+    assert ids[-1] == small_tokenizer.eot_id
+    assert list(instruction_pairs("def broken(:\n")) == []
+
+
+def test_the_mix_has_the_asked_ratio(small_tokenizer, tmp_path):
+    tok_path = tmp_path / "tok.json"
+    small_tokenizer.save(tok_path)
+    docs = [Document(text=t, path=f"m{i}.py", lang="python") for i, t in enumerate(TEXTS)]
+    manifest = build_finetune_mix(docs, small_tokenizer, tok_path, tmp_path / "mix", MixConfig(examples=400, seed=1))
+    kinds = manifest["examples_per_kind"]
+    assert sum(kinds.values()) == 400
+    assert kinds["instruct-write"] + kinds["instruct-explain"] == 60  # 15%
+    assert {"empty", "single", "multi"} <= set(kinds)
+    shards = TokenShards(tmp_path / "mix", "train")
+    ids, mask = shards.window(0, len(shards)), shards.mask_window(0, len(shards))
+    assert mask.any() and not mask.all()
+    assert int(((ids == small_tokenizer.eot_id) & mask).sum()) == sum(kinds.values()) - sum(1 for _ in range(400) if _ % 50 == 49)
+    assert SynthConfig().kinds == {"empty": 0.1, "single": 0.45, "multi": 0.45}
+    assert np.dtype(manifest["dtype"]) == np.uint16
