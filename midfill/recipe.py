@@ -92,7 +92,7 @@ def prepare_pretraining(out: Path, log: Callable[[str], None] = print) -> TrainC
 def finetune_config(out: Path) -> TrainConfig:
     return TrainConfig(
         data=str(out / "finetune-data"), out_dir=str(out / "finetune"), preset="tiny", model=SHAPE, seed=SEED,
-        init_from=str(out / "pretrain" / "model"), steps=300, micro_batch=8, grad_accum=1, block_size=512,
+        init_from=str(out / "pretrain" / "model"), steps=200, micro_batch=8, grad_accum=1, block_size=512,
         optimizer="lion", lr=3e-4, min_lr=3e-5, warmup_steps=20, weight_decay=0.1, early_dropout=0.0,
         eval_every=50, eval_batches=4, checkpoint_every=25,
     )

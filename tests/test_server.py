@@ -280,7 +280,7 @@ def test_non_streaming_disconnect_stops_generation(slow_server):
 
 
 def test_newer_request_on_the_same_slot_cancels_the_older(slow_server):
-    url, _ = slow_server
+    url, engine = slow_server
     results = {}
 
     def older():
@@ -288,7 +288,9 @@ def test_newer_request_on_the_same_slot_cancels_the_older(slow_server):
 
     thread = threading.Thread(target=older)
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while 3 not in engine.slots and time.monotonic() < deadline:  # the older request is in the engine
+        time.sleep(0.01)
     newer = httpx.post(url + "/infill", json={"input_prefix": "b", "n_predict": 3, "id_slot": 3}, timeout=30).json()
     thread.join()
     assert results["older"]["stop_type"] == "none" and results["older"]["tokens_predicted"] < 200

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from midfill.engine.scheduler import Engine, QueueFull
 from midfill.errors import MidfillError
 from midfill.server import llamacpp, openai, refact
+from midfill.server.bridge import ClientGone
 from midfill.server.metrics import Metrics
 from midfill.server.state import ServerSettings, ServerState, get_state
 from midfill.tokenizer import Tokenizer
@@ -176,6 +177,10 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
     async def queue_full(request: Request, exc: QueueFull):
         message = f"the server is busy ({exc}); retry in {RETRY_AFTER_S}s"
         return error_response(request.url.path, 503, message, {"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        return error_response(request.url.path, 499, "the client closed the request")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -17,6 +17,10 @@ from midfill.server.metrics import Metrics
 DISCONNECT_POLL_S = 0.05
 
 
+class ClientGone(Exception):
+    """The client disconnected before its results were ready; its generations were cancelled."""
+
+
 class EngineCall:
     """One HTTP request's generations (several for n > 1 or a list of prompts), as one event stream.
 
@@ -80,6 +84,15 @@ class EngineCall:
             if not collect.done():
                 self.cancel()
                 collect.cancel()
+
+    async def finished(self, http: Request) -> list[GenerationResult]:
+        """All results, in request order; ClientGone if the client left, RuntimeError if the engine failed."""
+        results = await self.results_unless_disconnected(http)
+        if results is None:
+            raise ClientGone()
+        if any(r.finish_reason == "error" for r in results):
+            raise RuntimeError("generation failed inside the engine")
+        return results
 
     async def _drain(self) -> list[GenerationResult]:
         async for _ in self.events():

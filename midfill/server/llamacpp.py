@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
@@ -213,12 +212,8 @@ async def respond(body: CompletionRequest, http: Request, state: ServerState, re
 
         return EventStream(call, stream())
 
-    results = await call.results_unless_disconnected(http)
-    if results is None:
-        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    results = await call.finished(http)
     result = results[0]
-    if result.finish_reason == "error":
-        raise RuntimeError("generation failed inside the engine")
     return pick_fields(final_body(body, state, result, truncated, result.text), body.response_fields)
 
 

@@ -13,7 +13,6 @@ import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
@@ -165,11 +164,6 @@ def usage(results: list[GenerationResult]) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def server_error_if_failed(results: list[GenerationResult]) -> None:
-    if any(r.finish_reason == "error" for r in results):
-        raise RuntimeError("generation failed inside the engine")
-
-
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     reject_unsupported(body)
@@ -206,10 +200,7 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
 
         return EventStream(call, stream())
 
-    results = await call.results_unless_disconnected(http)
-    if results is None:
-        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
-    server_error_if_failed(results)
+    results = await call.finished(http)
     choices = [
         {"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": finish_reason(r)}
         for i, r in enumerate(results)
@@ -257,10 +248,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Se
 
         return EventStream(call, stream())
 
-    results = await call.results_unless_disconnected(http)
-    if results is None:
-        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
-    server_error_if_failed(results)
+    results = await call.finished(http)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": r.text.strip()}, "logprobs": None,
          "finish_reason": finish_reason(r)}

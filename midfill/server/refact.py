@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 import time
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import Response
 from pydantic import Field
 
 from midfill.engine.request import Finished, GenerationRequest
@@ -76,7 +76,7 @@ async def refact_caps(state: ServerState = Depends(get_state)):
 @router.get("/tokenizer/{model:path}")
 async def tokenizer_json(model: str, state: ServerState = Depends(get_state)):
     if model != state.settings.model_name:
-        return JSONResponse(error_body(404, f"no model {model!r} here; this server runs {state.settings.model_name!r}"), status_code=404)
+        raise HTTPException(404, f"no model {model!r} here; this server runs {state.settings.model_name!r}")
     return Response(state.tok.to_json(), media_type="application/json")
 
 
@@ -164,12 +164,8 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
 
         return EventStream(call, stream())
 
-    results = await call.results_unless_disconnected(http)
-    if results is None:
-        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    results = await call.finished(http)
     result = results[0]
-    if result.finish_reason == "error":
-        raise RuntimeError("generation failed inside the engine")
     choice = {"index": 0, "code_completion": result.text, "finish_reason": finish_reason(result.finish_reason)}
     return {**base, "choices": [choice]}
 
