@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from midfill.data.build import BuildConfig, build_dataset
+from midfill.tokenizer import train_tokenizer
 from midfill.train.config import PRESETS, TrainConfig
 from midfill.train.trainer import train
-from midfill.tokenizer import train_tokenizer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

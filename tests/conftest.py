@@ -15,6 +15,7 @@ from midfill.model.checkpoint import save_model
 from midfill.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from tests.helpers import stdlib_texts, tiny_model
 
+
 def find_golden() -> Path:
     """$MIDFILL_GOLDEN, else ../shared/golden beside this checkout or beside the one it was cloned from."""
     if "MIDFILL_GOLDEN" in os.environ:

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 import midfill
@@ -88,7 +87,7 @@ def test_missing_model_folder(tmp_path):
 
 
 def test_no_model_given_and_no_embedded_model(monkeypatch, tmp_path):
-    monkeypatch.setattr("midfill.cli.EMBEDDED_MODEL", tmp_path / "absent")
+    monkeypatch.setattr("midfill.cli.common.EMBEDDED_MODEL", tmp_path / "absent")
     assert_user_error(invoke("complete", "--prefix", "x"), "no --model given")
 
 

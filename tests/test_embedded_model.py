@@ -13,7 +13,6 @@ from midfill.engine import StopRules, TextAssembler, stream_text
 from midfill.hub import EMBEDDED_MODEL
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt_spm
 
-
 pytestmark = pytest.mark.skipif(
     not (EMBEDDED_MODEL / "model.safetensors").is_file(),
     reason="no embedded model in this checkout (make one: midfill recipe embedded --out DIR --install)",

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import midfill
-from midfill.engine import decode as decode_module
 from midfill.engine import StopRules, TextAssembler, stream_text
+from midfill.engine import decode as decode_module
 from midfill.errors import MidfillError
 from tests.helpers import tiny_model
 

@@ -12,11 +12,10 @@ import httpx
 import openai
 import pytest
 
-import midfill
 from midfill.engine import StopRules, TextAssembler, cursor_indent, stream_text
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt_spm
-from tests.helpers import tiny_model
 from midfill.server.background import running_server
+from tests.helpers import tiny_model
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n\nprint(add(1, 2))\n"

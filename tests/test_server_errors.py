@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.helpers import tiny_model
 from midfill.server.background import running_server
+from tests.helpers import tiny_model
 
 KEY = "sekrit"
 AUTH = {"Authorization": f"Bearer {KEY}"}

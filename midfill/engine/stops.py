@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from midfill.errors import MidfillError
 
 LINE_MODES = ("free", "single-line", "multi-line")

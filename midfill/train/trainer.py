@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from midfill.data.batches import make_batch, sample_seed
 from midfill.data.packing import TokenShards, read_manifest

@@ -1,0 +1,76 @@
+"""What every `midfill` command shares: the app, consoles, option types, error handling, model loading."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from midfill.errors import MidfillError
+from midfill.hub import EMBEDDED_MODEL
+from midfill.model import GPTRefactForCausalLM
+from midfill.model.checkpoint import load_model
+from midfill.tokenizer import Tokenizer, load_tokenizer
+
+app = typer.Typer(help="Self-hosted fill-in-the-middle code completion and chat.", no_args_is_help=True)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable[..., None])
+
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="Model folder or hub id (owner/name); default: the embedded model.")
+]
+TokenizerOpt = Annotated[
+    Optional[str], typer.Option(help="tokenizer.json file or folder; default: the model's own.")
+]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=0, help="Most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens (0 = all).")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
+RepetitionOpt = Annotated[float, typer.Option(help=">1 discourages repeating context tokens.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")]
+CtxOpt = Annotated[Optional[int], typer.Option(min=16, help="Context size in tokens (default: the model's).")]
+
+
+def user_errors(command: F) -> F:
+    """Report a MidfillError as one line on stderr with exit code 2, never as a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MidfillError as exc:
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def model_or_default(model: str | None) -> str:
+    """The --model given, or the embedded model that ships with midfill."""
+    if model is not None:
+        return model
+    if not (EMBEDDED_MODEL / "model.safetensors").is_file():
+        raise MidfillError("no --model given and this install has no embedded model; pass a model folder or hub id")
+    return str(EMBEDDED_MODEL)
+
+
+def load(model: str | None, tokenizer: str | None, dtype: str, device: str) -> tuple[GPTRefactForCausalLM, Tokenizer]:
+    model = model_or_default(model)
+    with err.status(f"loading {model} ..."):
+        net = load_model(model, dtype=dtype, device=device)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else net.source)
+    if tok.vocab_size > net.config.vocab_size:
+        raise MidfillError(
+            f"{tok.source}: the tokenizer has {tok.vocab_size} tokens but the model only {net.config.vocab_size}; "
+            "pass the tokenizer that belongs to this model with --tokenizer"
+        )
+    return net, tok

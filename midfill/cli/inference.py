@@ -1,0 +1,249 @@
+"""Commands that run a model: complete, chat, serve, info."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from midfill.cli.common import (
+    CtxOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    RepetitionOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TokenizerOpt,
+    TopKOpt,
+    TopPOpt,
+    app,
+    err,
+    load,
+    model_or_default,
+    out,
+    user_errors,
+)  # fmt: skip
+from midfill.engine import SamplingParams, StopRules, TextAssembler, cursor_indent, stream_text
+from midfill.errors import MidfillError
+from midfill.model import GPTRefactForCausalLM
+from midfill.model.checkpoint import load_model
+from midfill.prompts import FIM_ORDERS, ChatMessage, chat_prompt, fim_prompt
+from midfill.tokenizer import load_tokenizer
+
+
+def cursor_split(path: Path, line: int, column: int) -> tuple[str, str]:
+    """Prefix and suffix of a file at a 1-based line and column (as editors show them)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MidfillError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+        raise MidfillError(f"{path}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise MidfillError(f"--line {line} is outside {path}, which has lines 1..{len(lines)}")
+    if not 1 <= column <= len(lines[line - 1]) + 1:
+        raise MidfillError(f"--column {column} is outside line {line}, which has columns 1..{len(lines[line - 1]) + 1}")
+    offset = sum(len(x) + 1 for x in lines[: line - 1]) + column - 1
+    return text[:offset], text[offset:]
+
+
+def print_stream(deltas: Iterator[str]) -> None:
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def report(assembler: TextAssembler, n_prompt: int, started: float) -> None:
+    seconds = time.perf_counter() - started
+    n_new = len(assembler.token_ids)
+    err.print(
+        f"[dim]{n_prompt} prompt tokens, {n_new} generated in {seconds:.2f}s "
+        f"({n_new / max(seconds, 1e-9):.1f} tok/s), finish: {assembler.finish_reason}[/]"
+    )
+
+
+@app.command()
+@user_errors
+def complete(
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    prefix: Annotated[str, typer.Option(help="Code before the cursor.")] = "",
+    suffix: Annotated[str, typer.Option(help="Code after the cursor.")] = "",
+    file: Annotated[Optional[Path], typer.Option(help="Complete inside this file, at --line/--column.")] = None,
+    line: Annotated[int, typer.Option(help="1-based cursor line in --file.")] = 1,
+    column: Annotated[int, typer.Option(help="1-based cursor column in --file.")] = 1,
+    mode: Annotated[str, typer.Option(help="single-line, multi-line or free.")] = "multi-line",
+    order: Annotated[str, typer.Option(help="FIM prompt order: spm (Refact's IDE) or psm (model card).")] = "spm",
+    max_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    ctx: CtxOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Fill in the middle at a cursor and stream the completion to the terminal."""
+    if order not in FIM_ORDERS:
+        raise MidfillError(f"unknown --order {order!r}; use spm or psm")
+    if file is not None:
+        prefix, suffix = cursor_split(file, line, column)
+    rules = StopRules.for_mode(mode, cursor_indent(prefix))
+    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    net, tok = load(model, tokenizer, dtype, device)
+    budget = prompt_budget(net, ctx, max_tokens)
+    prompt = fim_prompt(tok, prefix, suffix, order=order, budget=budget)
+    assembler = TextAssembler(tok, rules)
+    started = time.perf_counter()
+    print_stream(stream_text(net, prompt, assembler, max_tokens, sampling, stop_ids={tok.eot_id}))
+    report(assembler, len(prompt), started)
+
+
+def prompt_budget(net: GPTRefactForCausalLM, ctx: int | None, max_tokens: int) -> int:
+    context = min(ctx or net.config.n_positions, net.config.n_positions)
+    budget = context - max_tokens
+    if budget < 8:
+        raise MidfillError(f"--max-tokens {max_tokens} leaves no room for a prompt in a {context}-token context")
+    return budget
+
+
+@app.command()
+@user_errors
+def chat(
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    message: Annotated[Optional[str], typer.Option(help="Ask one question and exit.")] = None,
+    system: Annotated[str, typer.Option(help="System message.")] = "You are a programming assistant",
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    ctx: CtxOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Chat with the model: one-shot with --message, otherwise interactively (Ctrl-D or 'exit' ends)."""
+    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    net, tok = load(model, tokenizer, dtype, device)
+    budget = prompt_budget(net, ctx, max_tokens)
+    history = [ChatMessage("system", system)] if system else []
+    while True:
+        query = message if message is not None else ask()
+        if query is None:
+            return
+        history.append(ChatMessage("user", query))
+        prompt = chat_prompt(tok, history, budget=budget)
+        assembler = TextAssembler(tok, StopRules(trim_trailing_whitespace=True))
+        started = time.perf_counter()
+        deltas = stream_text(net, prompt, assembler, max_tokens, sampling, stop_ids={tok.eot_id, tok.empty_output_id})
+        print_stream(strip_leading_space(deltas))
+        report(assembler, len(prompt), started)
+        history.append(ChatMessage("assistant", assembler.text.strip()))
+        if message is not None:
+            return
+
+
+def ask() -> str | None:
+    """The next user message from the terminal, or None when the user is done."""
+    while True:
+        try:
+            query = input("you> ").strip()
+        except EOFError:
+            return None
+        if query in ("exit", "quit"):
+            return None
+        if query:
+            return query
+
+
+def strip_leading_space(deltas: Iterator[str]) -> Iterator[str]:
+    """The model answers "ASSISTANT" with a space first; drop it from the shown text."""
+    started = False
+    for delta in deltas:
+        if not started:
+            delta = delta.lstrip()
+            started = bool(delta)
+        if delta:
+            yield delta
+
+
+@app.command()
+@user_errors
+def serve(
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8008,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="MIDFILL_API_KEY", help="Require this key (Authorization: Bearer).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(min=0, help="Waiting requests beyond which 503 is answered.")] = 64,
+    ctx: CtxOpt = None,
+    prefix_cache_mb: Annotated[float, typer.Option(min=0, help="Memory for reusable prompt KV.")] = 512.0,
+    fim_order: Annotated[str, typer.Option(help="FIM order for prompts built here: spm or psm.")] = "spm",
+    name: Annotated[Optional[str], typer.Option(help="Model name clients see (default: the folder's).")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Serve completions and chat over HTTP: OpenAI, Refact and llama.cpp protocols."""
+    import uvicorn  # the server stack is imported only when serving: it slows every other command
+
+    from midfill.engine.scheduler import Engine
+    from midfill.server.app import create_app
+    from midfill.server.state import ServerSettings
+
+    if fim_order not in FIM_ORDERS:
+        raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
+    net, tok = load(model, tokenizer, dtype, device)
+    engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
+    default_name = "midfill-embedded" if model is None else Path(model).name
+    settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order)
+    err.print(
+        f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, {net.dtype}, {net.device}, "
+        f"context {engine.ctx}) at http://{host}:{port}" + (" with an API key" if api_key else "")
+    )
+    logging.basicConfig(level=logging.INFO, format="midfill: %(message)s")
+    uvicorn.run(create_app(engine, tok, settings), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
+def info(
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Show a model's parameters, dtype, configuration and tokenizer."""
+    model = model_or_default(model)
+    with err.status(f"loading {model} ..."):
+        net = load_model(model, dtype=dtype, device=device)
+    table = Table(title=f"model {net.source}", show_header=False)
+    table.add_row("parameters", f"{net.num_parameters():,}")
+    table.add_row("dtype / device", f"{net.dtype} / {net.device}")
+    table.add_row("MLP hidden size", str(net.config.mlp_hidden))
+    for key, value in net.config.to_dict().items():
+        table.add_row(key, str(value))
+    out.print(table)
+    try:
+        tok = load_tokenizer(tokenizer if tokenizer is not None else net.source)
+    except MidfillError as exc:
+        out.print(f"tokenizer: none ({exc})")
+        return
+    specials = ", ".join(f"{name}={getattr(tok, name)}" for name in
+                         ("eot_id", "fim_prefix_id", "fim_middle_id", "fim_suffix_id", "empty_output_id"))
+    out.print(f"tokenizer: {tok.source}, {tok.vocab_size} tokens; {specials}")
