@@ -114,3 +114,20 @@ def test_bad_eval_options():
 def test_multipl_e_offline_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["eval", "multipl-e", "--out", str(tmp_path), "--lang", "js"])
     assert result.exit_code == 2 and ("datasets" in result.stderr or "network" in result.stderr)
+
+
+def test_javascript_programs_are_scored_with_node(tmp_path):
+    import shutil
+
+    from midfill.eval.runner import execute_samples
+    from midfill.eval.sandbox import Limits
+    from midfill.eval.tasks import Task
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    test = "const assert = require('node:assert');\nassert.deepEqual(add(2, 3), 5);"
+    task = Task("HumanEval_js_add", "function add(a, b) {\n", "", test, "", language="javascript", stops=("\n}",))
+    samples = [{"task_id": task.task_id, "sample": 0, "completion": "  return a + b;\n}"},
+               {"task_id": task.task_id, "sample": 1, "completion": "  return a - b;\n}"}]
+    rows = execute_samples([task], samples, tmp_path / "exec.jsonl", 1, Limits(wall_seconds=10), lambda *a: None)
+    assert [r["status"] for r in rows] == ["passed", "failed"]

@@ -181,17 +181,26 @@ def eval_score(
 @user_errors
 def eval_multipl_e(
     out: OutOpt,
-    lang: Annotated[str, typer.Option(help="MultiPL-E language code: js, ts, java, cpp, rs, go, ...")] = "js",
+    lang: Annotated[str, typer.Option(help="MultiPL-E language code: js (node) or py.")] = "js",
     model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    n: NOpt = 1,
+    temperature: TempOpt = 0.2,
+    k: KOpt = "1",
+    max_tokens: MaxTokensOpt = 384,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = max(1, os.cpu_count() or 1),
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
-    """MultiPL-E HumanEval translations (needs the `datasets` library and network for the data)."""
-    try:
-        import datasets
-    except ImportError:
-        raise MidfillError("MultiPL-E needs the `datasets` library: pip install datasets") from None
-    try:
-        datasets.load_dataset("nuprl/MultiPL-E", f"humaneval-{lang}", split="test")
-    except Exception as exc:  # offline, unknown language, hub errors: all reported the same way
-        raise MidfillError(f"cannot load MultiPL-E humaneval-{lang} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
-                           "it needs network access") from None
-    raise MidfillError("running MultiPL-E programs is not implemented yet; only the dataset check ran")
+    """MultiPL-E's HumanEval translations, run with the language's runtime (data via `datasets`)."""
+    import shutil
+
+    from midfill.eval.tasks import MULTIPLE_RUNTIMES, multipl_e_tasks
+
+    runtime = MULTIPLE_RUNTIMES.get(lang, (None, [""]))[1][0]
+    if lang in MULTIPLE_RUNTIMES and shutil.which(runtime) is None:
+        raise MidfillError(f"MultiPL-E {lang} needs `{runtime}`, which is not installed here; skipping")
+    tasks = multipl_e_tasks(lang)[:limit]
+    run_benchmark(tasks, "multipl-e", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed)

@@ -7,6 +7,7 @@ stopped: only missing samples are generated and only unexecuted ones run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import defaultdict
@@ -48,8 +49,8 @@ def request_for(tok: Tokenizer, task: Task, config: EvalConfig, sample: int, ctx
     if config.fmt == "fim":
         ids = fim_prompt(tok, task.prefix + FIM_INDENT, task.suffix, config.fim_order, budget)
         rules = StopRules(min_indent=len(FIM_INDENT), trim_trailing_whitespace=True)
-    elif config.fmt == "completion":
-        ids, rules = tok.encode(task.prefix)[-budget:], StopRules(COMPLETION_STOPS)
+    elif config.fmt in ("completion", "multipl-e"):
+        ids, rules = tok.encode(task.prefix)[-budget:], StopRules(task.stops or COMPLETION_STOPS)
     elif config.fmt == "chat":
         message = CHAT_INSTRUCTION + f"```python\n{task.prefix}```"
         ids = chat_prompt(tok, [ChatMessage("system", "You are a programming assistant"), ChatMessage("user", message)], budget)
@@ -124,13 +125,21 @@ def _start_worker(index_queue, limits: Limits) -> None:
     _sandbox = Sandbox(limits, worker=index_queue.get())
 
 
-def _execute(program: str) -> tuple[str, str]:
-    outcome = _sandbox.run_python(program)
+def _execute(language_and_program: tuple[str, str]) -> tuple[str, str]:
+    language, program = language_and_program
+    if language == "javascript":
+        outcome = _sandbox.run(["node", "--max-old-space-size=512", "main.js"], {"main.js": program})
+    else:
+        outcome = _sandbox.run_python(program)
     return outcome.status, outcome.stderr[-500:]
 
 
 def execute_samples(tasks: list[Task], samples: list[dict], path: Path, workers: int, limits: Limits, progress: Progress) -> list[dict]:
-    """Run each sample's program in the sandbox, skipping those already in `path`."""
+    """Run each sample's program in the sandbox, skipping those already in `path`.
+
+    JavaScript (MultiPL-E) runs under node, whose V8 reserves far more address space than it uses:
+    its heap is capped by node's own flag, and the address-space limit is raised for it.
+    """
     import multiprocessing
 
     by_id = {t.task_id: t for t in tasks}
@@ -142,9 +151,11 @@ def execute_samples(tasks: list[Task], samples: list[dict], path: Path, workers:
         indexes = context.Queue()
         for i in range(workers):
             indexes.put(i)
+        if any(t.language == "javascript" for t in tasks):
+            limits = dataclasses.replace(limits, memory_bytes=max(limits.memory_bytes, 16 * 2**30))
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(indexes, limits)) as pool, \
                 open(path, "a") as out:
-            programs = [by_id[s["task_id"]].program(s["completion"]) for s in todo]
+            programs = [(by_id[s["task_id"]].language, by_id[s["task_id"]].program(s["completion"])) for s in todo]
             for count, (sample, (status, error)) in enumerate(zip(todo, pool.map(_execute, programs)), 1):
                 out.write(json.dumps({"task_id": sample["task_id"], "sample": sample["sample"], "status": status,
                                       "error": error}) + "\n")

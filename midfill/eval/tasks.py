@@ -35,8 +35,12 @@ class Task:
     test: str  # appended after the completed code; exits non-zero on failure
     entry_point: str
     middle: str = ""  # the true middle, for infilling's exact match
+    language: str = "python"
+    stops: tuple[str, ...] = ()  # a left-to-right completion ends at these (MultiPL-E gives its own)
 
     def program(self, completion: str) -> str:
+        if self.language != "python":  # MultiPL-E: the tests call the function themselves
+            return f"{self.prefix}{completion}{self.suffix}\n{self.test}\n"
         return f"{self.prefix}{completion}{self.suffix}\n\n{self.test}\n\ncheck({self.entry_point})\n"
 
 
@@ -78,3 +82,28 @@ def infill_tasks(mode: str, seed: int = 0) -> list[Task]:
             tasks.append(Task(f"{problem['task_id']}/{mode}/{n}", whole[:a], whole[b:], problem["test"], problem["entry_point"],
                               middle=whole[a:b]))
     return tasks
+
+
+# MultiPL-E language codes midfill can run, with the runtime command for a program file.
+MULTIPLE_RUNTIMES = {"js": ("javascript", ["node", "--max-old-space-size=512", "main.js"], "main.js"),
+                     "py": ("python", ["python3", "-I", "main.py"], "main.py")}
+
+
+def multipl_e_tasks(lang: str) -> list[Task]:
+    """MultiPL-E's HumanEval translation for `lang`, through `datasets` (needs network the first time)."""
+    from midfill.errors import MidfillError
+
+    if lang not in MULTIPLE_RUNTIMES:
+        raise MidfillError(f"MultiPL-E language {lang!r} is not supported here; use one of {', '.join(MULTIPLE_RUNTIMES)}")
+    try:
+        import datasets
+    except ImportError:
+        raise MidfillError("MultiPL-E needs the `datasets` library: pip install 'midfill[eval]'") from None
+    try:
+        rows = datasets.load_dataset("nuprl/MultiPL-E", f"humaneval-{lang}", split="test")
+    except Exception as exc:  # offline, hub errors: all reported the same way
+        raise MidfillError(f"cannot load MultiPL-E humaneval-{lang} from the Hugging Face hub "
+                           f"({str(exc).splitlines()[0]}); it needs network access the first time") from None
+    language = MULTIPLE_RUNTIMES[lang][0]
+    return [Task(row["name"], row["prompt"], "", row["tests"], "", language=language, stops=tuple(row["stop_tokens"]))
+            for row in rows]
