@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -71,11 +72,17 @@ def run_benchmark(tasks, fmt: str, model, tokenizer, dtype, device, out: Path, n
 
 
 def print_result(result: dict, out: Path) -> None:
+    """A readable line, then the numbers as JSON on the last line (for scripts)."""
     console = Console(highlight=False)
     metrics = ", ".join(f"{name} {value:.1%}" for name, value in result["pass_at_k"].items())
     if "exact_match" in result:
         metrics += f", exact match {result['exact_match']:.1%}"
     console.print(f"{result['tasks']} tasks x {result['samples_per_task']} samples: {metrics}  ({out}/results.md)")
+    summary = {**result["pass_at_k"], "n_samples": sum(row["n"] for row in result["per_task"].values()), "n_tasks": result["tasks"],
+               "samples_per_task": result["samples_per_task"]}
+    if "exact_match" in result:
+        summary["exact_match"] = result["exact_match"]
+    print(json.dumps(summary))
 
 
 @eval_app.command("humaneval")
@@ -139,9 +146,7 @@ def eval_score(
     workers: WorkersOpt = max(1, os.cpu_count() or 1),
     seed: Annotated[int, typer.Option(help="The seed the random-span tasks were built with.")] = 0,
 ) -> None:
-    """Execute and score existing samples (from midfill or any other tool)."""
-    import json
-
+    """Execute and score existing samples (from midfill or any other tool); pass@k as JSON last."""
     from midfill.eval.runner import EvalConfig, execute_samples, score, write_report
     from midfill.eval.sandbox import Limits
     from midfill.eval.tasks import INFILL_MODES, humaneval_tasks, infill_tasks

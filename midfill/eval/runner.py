@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -126,12 +127,18 @@ def _start_worker(index_queue, limits: Limits) -> None:
 
 
 def _execute(language_and_program: tuple[str, str]) -> tuple[str, str]:
+    """Run one program; it passes only if it exits cleanly *after* printing a fresh random marker
+    placed after its tests, so `sys.exit(0)` or `os._exit(0)` before the tests is a failure."""
     language, program = language_and_program
+    marker = f"midfill-tests-done-{secrets.token_hex(8)}"
     if language == "javascript":
-        outcome = _sandbox.run(["node", "--max-old-space-size=512", "main.js"], {"main.js": program})
+        outcome = _sandbox.run(["node", "--max-old-space-size=512", "main.js"], {"main.js": f"{program}\nconsole.log({marker!r});\n"})
     else:
-        outcome = _sandbox.run_python(program)
-    return outcome.status, outcome.stderr[-500:]
+        outcome = _sandbox.run_python(f"{program}\nprint({marker!r})\n")
+    status = outcome.status
+    if status == "passed" and not outcome.stdout.rstrip().endswith(marker):
+        status = "failed"
+    return status, outcome.stderr[-500:]
 
 
 def execute_samples(tasks: list[Task], samples: list[dict], path: Path, workers: int, limits: Limits, progress: Progress) -> list[dict]:

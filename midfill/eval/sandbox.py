@@ -11,6 +11,8 @@ bind, the program also gets:
   "kill every process of that user" reaches even processes that left the process group;
 - its own network namespace (no interfaces but a down loopback: no network at all).
 Without root, the limits and the process-group kill still apply; the network is not isolated.
+A program can write outside its folder only where everyone may (/tmp, /var/tmp, /dev/shm); what
+its user left there is deleted after it ends.
 
 The sandbox makes its process a child subreaper (Linux), so that processes orphaned by a killed
 program are reparented to it and reaped, instead of lingering as zombies that would count against
@@ -38,6 +40,7 @@ CLONE_NEWNET = 0x40000000
 PR_SET_CHILD_SUBREAPER = 36
 SANDBOX_UID_BASE = 60000
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a program may write outside its folder
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Sandbox:
             if returncode is None:
                 proc.wait()
             reap_orphans()
+            self._remove_leftover_files()
             seconds = time.monotonic() - started
             stdout, stderr = (self._read(f) for f in (out, err))
         status = "timeout" if timed_out else ("passed" if returncode == 0 else "failed")
@@ -154,6 +158,27 @@ class Sandbox:
             os.setgroups([])
             os.setgid(self.uid)
             os.setuid(self.uid)
+
+    def _remove_leftover_files(self) -> None:
+        """Delete what the program's user left in world-writable folders (the only places outside
+        its own folder it can write to)."""
+        if self.uid is None:
+            return
+        for shared in SHARED_WRITABLE:
+            try:
+                entries = list(os.scandir(shared))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.stat(follow_symlinks=False).st_uid != self.uid:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
 
     def _kill_everything(self, proc: subprocess.Popen) -> None:
         """SIGKILL the program's process group, and as its own user, every process that user has."""
