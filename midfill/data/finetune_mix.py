@@ -18,6 +18,7 @@ from midfill.errors import MidfillError
 from midfill.tokenizer import Tokenizer
 
 VAL_EVERY = 50  # one example in 50 is held out for the finetune's eval loss
+MAX_TRIES_PER_EXAMPLE = 50  # cuts that do not fit are retried, up to this many per example asked for
 
 
 @dataclass
@@ -38,19 +39,28 @@ def build_finetune_mix(docs: list[Document], tok: Tokenizer, tokenizer_path: Pat
     pairs = [p for d in docs if d.lang == "python" for p in instruction_pairs(d.text)]
     if n_instruct and not pairs:
         raise MidfillError("no documented Python functions found for instruction pairs; add Python sources or set --instruct-fraction 0")
+    if config.synth.prompt_tokens + 8 > config.max_tokens:
+        raise MidfillError(f"max_tokens {config.max_tokens} leaves no room after a {config.synth.prompt_tokens}-token prompt")
     weights = [len(d.text) for d in docs]
     examples: list[tuple[list[int], list[bool], str]] = []
-    while len(examples) < config.examples - n_instruct:
+    for _ in range(MAX_TRIES_PER_EXAMPLE * config.examples):
+        if len(examples) >= config.examples - n_instruct:
+            break
         example = synthesize(rng.choices(docs, weights=weights)[0].text, rng, config.synth)
         if example is not None:
             ids, mask = example_tokens(tok, example, rng.random() < config.synth.spm_rate, config.synth.prompt_tokens)
             if len(ids) <= config.max_tokens:
                 examples.append((ids, mask, example.kind))
-    while len(examples) < config.examples:
+    for _ in range(MAX_TRIES_PER_EXAMPLE * config.examples):
+        if len(examples) >= config.examples:
+            break
         pair = rng.choice(pairs)
         ids, mask = pair_tokens(tok, pair)
         if len(ids) <= config.max_tokens:
             examples.append((ids, mask, f"instruct-{pair.kind}"))
+    if len(examples) < config.examples:
+        raise MidfillError(f"could cut only {len(examples)} of {config.examples} examples that fit {config.max_tokens} tokens; "
+                           "add sources or raise max_tokens")
     rng.shuffle(examples)
 
     shards = out / "tokens"
