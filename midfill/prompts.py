@@ -22,6 +22,7 @@ from midfill.tokenizer import Tokenizer
 FimOrder = Literal["spm", "psm"]
 FIM_ORDERS = ("spm", "psm")
 SUFFIX_SHARE = 0.25
+MAX_CHARS_PER_TOKEN = 16  # no BPE token of code is longer on average: text beyond this never fits
 CHAT_ROLES = {"system": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
 
 
@@ -53,6 +54,8 @@ def fit_prefix_suffix(
     tok: Tokenizer, prefix: str, suffix: str, budget: int | None, n_sentinels: int, suffix_share: float = SUFFIX_SHARE
 ) -> tuple[list[int], list[int]]:
     """Token ids of prefix and suffix, trimmed so that they and the sentinels fit in `budget`."""
+    if budget is not None:  # a huge file: first cut to what could possibly fit, at line boundaries
+        prefix, suffix = cut_chars(prefix, suffix, budget * MAX_CHARS_PER_TOKEN)
     prefix_ids, suffix_ids = tok.encode(prefix), tok.encode(suffix)
     if budget is None:
         return prefix_ids, suffix_ids
@@ -69,6 +72,17 @@ def fit_prefix_suffix(
     if len(suffix_ids) > suffix_room:
         suffix_ids = keep_first_lines(tok, suffix, suffix_room)
     return prefix_ids, suffix_ids
+
+
+def cut_chars(prefix: str, suffix: str, limit: int) -> tuple[str, str]:
+    """At most `limit` characters of each side, nearest the cursor, in whole lines (but the cursor's)."""
+    if len(prefix) > limit:
+        prefix = prefix[-limit:]
+        prefix = prefix[prefix.find("\n") + 1 :] if "\n" in prefix[:-1] else prefix
+    if len(suffix) > limit:
+        suffix = suffix[:limit]
+        suffix = suffix[: suffix.rfind("\n") + 1] if "\n" in suffix[1:] else suffix
+    return prefix, suffix
 
 
 def keep_last_lines(tok: Tokenizer, text: str, max_tokens: int) -> list[int]:
