@@ -14,7 +14,7 @@ ROOT = os.geteuid() == 0
 
 @pytest.fixture(scope="module")
 def sandbox():
-    return Sandbox(Limits(wall_seconds=3, cpu_seconds=2, memory_bytes=512 * 2**20, file_bytes=2**20, processes=16), worker=7)
+    return Sandbox(Limits(wall_seconds=3, cpu_seconds=2, memory_bytes=512 * 2**20, file_bytes=2**20, processes=16))
 
 
 def leftovers(uid: int) -> list[str]:
@@ -87,6 +87,6 @@ def test_node_programs_run_too():
     if shutil.which("node") is None:
         pytest.skip("node is not installed")
     # V8 reserves a large address space up front; its heap is capped by its own flag instead
-    node = Sandbox(Limits(wall_seconds=10, memory_bytes=16 * 2**30), worker=8)
+    node = Sandbox(Limits(wall_seconds=10, memory_bytes=16 * 2**30))
     outcome = node.run(["node", "--max-old-space-size=256", "main.js"], {"main.js": "console.log(1 + 1)"})
     assert outcome.stdout.strip() == "2"

@@ -121,9 +121,9 @@ def generate_samples(engine: Engine, tasks: list[Task], config: EvalConfig, path
 _sandbox: Sandbox | None = None
 
 
-def _start_worker(index_queue, limits: Limits) -> None:
+def _start_worker(limits: Limits) -> None:
     global _sandbox  # one sandbox (own user id) per worker process
-    _sandbox = Sandbox(limits, worker=index_queue.get())
+    _sandbox = Sandbox(limits)
 
 
 def _execute(language_and_program: tuple[str, str]) -> tuple[str, str]:
@@ -155,12 +155,9 @@ def execute_samples(tasks: list[Task], samples: list[dict], path: Path, workers:
     progress("execute", len(samples) - len(todo), len(samples))
     if todo:
         context = multiprocessing.get_context("fork")
-        indexes = context.Queue()
-        for i in range(workers):
-            indexes.put(i)
         if any(t.language == "javascript" for t in tasks):
             limits = dataclasses.replace(limits, memory_bytes=max(limits.memory_bytes, 16 * 2**30))
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(indexes, limits)) as pool, \
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(limits,)) as pool, \
                 open(path, "a") as out:
             programs = [(by_id[s["task_id"]].language, by_id[s["task_id"]].program(s["completion"])) for s in todo]
             for count, (sample, (status, error)) in enumerate(zip(todo, pool.map(_execute, programs)), 1):

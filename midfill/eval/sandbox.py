@@ -7,7 +7,8 @@ program started is killed. Output is capped.
 
 On Linux as root (as on many CI machines and containers), where a process-count limit does not
 bind, the program also gets:
-- its own user id (60000 + worker number), so RLIMIT_NPROC contains fork bombs and, at the end,
+- its own user id (60000 + the evaluating process's pid, unique among running processes), so
+  RLIMIT_NPROC contains fork bombs and, at the end,
   "kill every process of that user" reaches even processes that left the process group;
 - its own network namespace (no interfaces but a down loopback: no network at all).
 Without root, the limits and the process-group kill still apply; the network is not isolated.
@@ -91,12 +92,12 @@ def python_for(uid: int | None) -> str:
 
 
 class Sandbox:
-    """Runs programs; `worker` numbers let parallel workers use separate user ids."""
+    """Runs programs, one at a time; parallel workers are separate processes, each with its own user id."""
 
-    def __init__(self, limits: Limits = Limits(), worker: int = 0) -> None:
+    def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
         self.is_root = os.geteuid() == 0
-        self.uid = SANDBOX_UID_BASE + worker if self.is_root else None
+        self.uid = SANDBOX_UID_BASE + os.getpid() if self.is_root else None
         if sys.platform == "linux":
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
@@ -105,16 +106,21 @@ class Sandbox:
 
     def run(self, command: list[str], files: dict[str, str]) -> Outcome:
         """Run `command` in a fresh folder holding `files`; classify how it ended."""
-        folder = Path(tempfile.mkdtemp(prefix="midfill-sandbox-"))
+        # a private parent owned by us, so the program's own folder is never a top-level entry of /tmp
+        # (which the clean-up of what the program's user left there would delete)
+        parent = Path(tempfile.mkdtemp(prefix="midfill-sandbox-"))
+        folder = parent / "run"
         try:
+            folder.mkdir()
             for name, text in files.items():
                 (folder / name).write_text(text, encoding="utf-8")
             if self.uid is not None:
+                parent.chmod(0o711)
                 for path in [folder, *folder.iterdir()]:
                     os.chown(path, self.uid, self.uid)
             return self._execute(command, folder)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(parent, ignore_errors=True)
 
     def _execute(self, command: list[str], folder: Path) -> Outcome:
         env = {"PATH": SAFE_PATH, "HOME": str(folder), "TMPDIR": str(folder), "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
