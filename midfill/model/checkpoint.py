@@ -19,6 +19,7 @@ from midfill.files import atomic_path
 from midfill.hub import resolve_model_dir
 from midfill.model.alibi import alibi_slopes
 from midfill.model.config import RefactConfig
+from midfill.model.quantize import PackedLinear, check_format, empty_packed, quantize_model
 from midfill.model.refact import GPTRefactForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,25 +43,25 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def read_safetensors(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
+            return {name: f.get_tensor(name).to(device=device, dtype=dtype or None) for name in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise MidfillError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from None
 
 
-def read_torch_bin(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_torch_bin(path: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch.load wraps unpickling, zip and I/O failures in several types
         raise MidfillError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise MidfillError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
-    return {name: t.to(device=device, dtype=dtype) for name, t in state.items() if isinstance(t, torch.Tensor)}
+    return {name: t.to(device=device, dtype=dtype or None) for name, t in state.items() if isinstance(t, torch.Tensor)}
 
 
-def read_sharded(index_path: Path, reader, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_sharded(index_path: Path, reader, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -74,8 +75,8 @@ def read_sharded(index_path: Path, reader, dtype: torch.dtype, device: torch.dev
     return state
 
 
-def read_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, torch.Tensor], Path]:
-    """The raw state dict from whichever weight files the folder has, and the file it came from."""
+def read_weights(folder: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[dict[str, torch.Tensor], Path]:
+    """The raw state dict from whichever weight files the folder has (in `dtype`, or as stored when None)."""
     candidates = [
         ("model.safetensors", read_safetensors, False),
         ("model.safetensors.index.json", read_safetensors, True),
@@ -129,17 +130,38 @@ def load_model(
     path_or_id: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    quantize: str | None = None,
 ) -> GPTRefactForCausalLM:
-    """Load a GPTRefact checkpoint from a folder or hub id, in eval mode, on `device` in `dtype`."""
+    """Load a GPTRefact checkpoint from a folder or hub id, in eval mode, on `device` in `dtype`.
+
+    With `quantize` (bf16, int8 or int4) the linear weights are packed as they load and everything
+    else runs in float32; a checkpoint saved packed loads packed, without quantizing again.
+    """
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     folder = resolve_model_dir(path_or_id)
     config = RefactConfig.from_file(folder / "config.json")
-    state, source = read_weights(folder, torch_dtype, torch_device)
+    stored = config.midfill_weight_format
+    if stored is not None and quantize not in (None, stored):
+        raise MidfillError(
+            f"{folder} is stored as {stored}; it cannot become {quantize}. Quantize the original float checkpoint instead"
+        )
+    fmt = stored or quantize
+    if fmt is not None:
+        check_format(fmt)
+    state, source = read_weights(folder, torch_dtype if fmt is None else None, torch_device)
     state = adapt_layout(state)
     with torch.device("meta"):
         model = GPTRefactForCausalLM(config)
+        if stored is not None:
+            empty_packed(model, stored)
     check_state(state, model, source)
+    if stored is not None:  # packed tensors keep their own dtypes; the rest runs in float32
+        packed = {f"{prefix}.{name}" for prefix, layer in model.named_modules() if isinstance(layer, PackedLinear)
+                  for name, _ in layer.named_buffers()}
+        state = {name: t if name in packed else t.float() for name, t in state.items()}
     model.load_state_dict(state, assign=True)
+    if stored is None and quantize is not None:
+        quantize_model(model, quantize)
     model.alibi_slopes = alibi_slopes(config.n_head).to(torch_device)
     model.source = str(folder)
     return model.eval()
@@ -148,7 +170,9 @@ def load_model(
 def save_model(model: GPTRefactForCausalLM, folder: str | os.PathLike) -> Path:
     """Write config.json and model.safetensors (released layout) atomically; return the folder."""
     folder = Path(folder)
-    config = dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch."))
+    config = dataclasses.replace(
+        model.config, torch_dtype=str(model.dtype).removeprefix("torch."), midfill_weight_format=model.weight_format
+    )
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -38,6 +38,7 @@ class RefactConfig:
     transformers_version: str = "4.31.0"
     model_type: str = MODEL_TYPE
     architectures: list[str] = field(default_factory=lambda: [ARCHITECTURE])
+    midfill_weight_format: str | None = None  # bf16/int8/int4 for checkpoints packed by `midfill quantize`
     auto_map: dict[str, str] = field(
         default_factory=lambda: {
             "AutoConfig": "configuration_gpt_refact.GPTRefactConfig",
@@ -91,7 +92,11 @@ class RefactConfig:
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config.json keys; a float checkpoint's stay exactly the reference's."""
+        raw = dataclasses.asdict(self)
+        if raw["midfill_weight_format"] is None:
+            del raw["midfill_weight_format"]
+        return raw
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

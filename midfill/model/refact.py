@@ -13,6 +13,7 @@ from torch import nn
 from midfill.model.alibi import alibi_slopes, attention_bias
 from midfill.model.config import RefactConfig
 from midfill.model.kv_cache import KVCache
+from midfill.model.quantize import PackedLinear
 
 
 class LayerNormNoBias(nn.Module):
@@ -102,18 +103,22 @@ class GPTRefactForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.source: str | None = None  # the folder it was loaded from, for reports
+        self.weight_format: str | None = None  # bf16/int8/int4 once midfill.model.quantize packed it
         self.dropout = 0.0  # residual dropout while training; the trainer schedules it (early dropout)
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.ln_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation dtype; packed linear weights (midfill.model.quantize) have their own format."""
+        return self.ln_f.weight.dtype
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights of the network however they are stored (packed layers keep theirs as buffers)."""
+        packed = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, PackedLinear))
+        return packed + sum(p.numel() for p in self.parameters())
 
     def forward(
         self,
