@@ -10,6 +10,7 @@ from midfill.engine.assembler import TextAssembler
 from midfill.engine.sampling import Sampler, SamplingParams
 from midfill.errors import MidfillError
 from midfill.model import GPTRefactForCausalLM, KVCache
+from midfill.model.decode_step import decode_one
 
 # Prefill in slices so the attention bias of a long prompt stays small ([T*H, S] floats per slice).
 PREFILL_CHUNK = 512
@@ -55,16 +56,16 @@ def decode_steps(
 
     for start in range(0, n_prompt, PREFILL_CHUNK):
         end = min(start + PREFILL_CHUNK, n_prompt)
-        logits = model(input_ids[:, start:end], attention_mask=mask[:, :end], cache=cache)
+        logits = model(input_ids[:, start:end], attention_mask=mask[:, :end], cache=cache)[:, -1]
     rows = torch.arange(batch, device=input_ids.device)
     for step in range(max_new_tokens):
-        next_ids = sampler(logits[:, -1], seen)
+        next_ids = sampler(logits, seen)
         yield next_ids
         if step == max_new_tokens - 1:
             return
         if seen is not None:
             seen[rows, next_ids] = True
-        logits = model(next_ids[:, None], attention_mask=mask[:, : cache.span + 1], cache=cache)
+        logits = decode_one(model, next_ids, cache, mask[:, : cache.span + 1])
 
 
 def generate(

@@ -24,6 +24,7 @@ from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sampling import Sampler
 from midfill.errors import MidfillError
 from midfill.model import GPTRefactForCausalLM, KVCache
+from midfill.model.decode_step import decode_one
 from midfill.tokenizer import Tokenizer
 
 log = logging.getLogger("midfill.engine")
@@ -206,8 +207,8 @@ class Engine:
                 seq.finish_reason = "cancelled"
         if any(seq.finish_reason for seq in self.active):
             return  # retire first, so the batch below holds live rows only
-        ids = torch.tensor([[seq.next_token] for seq in self.active], device=self.model.device)
-        logits = self.model(ids, cache=self.slab.rows(0, len(self.active)))[:, -1]
+        ids = torch.tensor([seq.next_token for seq in self.active], device=self.model.device)
+        logits = decode_one(self.model, ids, self.slab.rows(0, len(self.active)))
         for row, seq in enumerate(self.active):
             self._accept(seq, int(seq.sampler(logits[row : row + 1], seq.seen)[0]))
 

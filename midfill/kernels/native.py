@@ -1,4 +1,4 @@
-"""Builds gemv.c on first use and calls it through ctypes; None where it cannot run.
+"""Builds decode.c on first use and calls it through ctypes; None where it cannot run.
 
 A plain C file with no torch headers compiles in about a second, so the package builds it
 itself, once per machine, into a cache folder. Anything that stops it (not x86-64, no AVX2/FMA/F16C,
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-MAX_ROWS = 4  # rows one call multiplies while reading the weights once (MAX_ROWS in gemv.c)
+MAX_ROWS = 4  # rows one call multiplies while reading the weights once (MAX_ROWS in decode.c)
 CPU_FEATURES = ("avx2", "fma", "f16c")
 
 
@@ -66,7 +66,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MIDFILL_NATIVE", "1") == "0" or not cpu_supported():
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{digest}.so"
+    target = cache_dir() / f"decode-{digest}.so"
     try:
         if not target.exists():
             build(target)
@@ -78,9 +78,11 @@ def library() -> ctypes.CDLL | None:
     lib.midfill_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int4.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.midfill_attention_one.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.midfill_read_bandwidth.argtypes = [ptr, i64]
+    lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, i64, ptr, ptr, i64]
     lib.midfill_read_bandwidth.restype = ctypes.c_float
-    for name in ("midfill_linear_bf16", "midfill_linear_int8", "midfill_linear_int4"):
+    for name in ("midfill_linear_bf16", "midfill_linear_int8", "midfill_linear_int4", "midfill_attention_one", "midfill_decode_block"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -89,51 +91,105 @@ def available() -> bool:
     return library() is not None
 
 
-def _rows(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.reshape(-1, x.shape[-1]).float().contiguous()
-    return x, torch.empty(x.shape[0], out_features, dtype=torch.float32)
-
-
-def _chunks(x: torch.Tensor, y: torch.Tensor):
-    for start in range(0, x.shape[0], MAX_ROWS):
-        yield x[start : start + MAX_ROWS], y[start : start + MAX_ROWS]
+ATTENTION_HEAD_DIMS = (32, 64, 128)
 
 
 def _checked(status: int) -> None:
-    if status != 0:
+    if status == -1:
         raise MemoryError("midfill native kernel: out of memory for its scratch rows")
+    if status != 0:
+        raise ValueError(f"midfill native kernel: unsupported shape (status {status})")
+
+
+def _linear(kernel, x: torch.Tensor, n_out: int, weight_pointers: tuple[int, ...]) -> torch.Tensor:
+    """x [rows, K] float32 contiguous through kernel(x, *weights, y, M, N, K), MAX_ROWS rows per call.
+
+    This runs for every layer of every decoded token, so it does nothing a kernel call does not need.
+    """
+    rows, n_in = x.shape
+    y = torch.empty(rows, n_out)
+    x_ptr, y_ptr = x.data_ptr(), y.data_ptr()
+    for start in range(0, rows, MAX_ROWS):
+        m = min(MAX_ROWS, rows - start)
+        _checked(kernel(x_ptr + 4 * start * n_in, *weight_pointers, y_ptr + 4 * start * n_out, m, n_out, n_in))
+    return y
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] float32 times bf16 weight [N, K] transposed -> [rows, N] float32."""
-    lib = library()
-    x, y = _rows(x, weight.shape[0])
-    for xs, ys in _chunks(x, y):
-        _checked(lib.midfill_linear_bf16(xs.data_ptr(), weight.data_ptr(), ys.data_ptr(), xs.shape[0], *weight.shape))
-    return y
+    """x [rows, K] float32 (contiguous) times bf16 weight [N, K] transposed -> [rows, N] float32."""
+    return _linear(library().midfill_linear_bf16, x, weight.shape[0], (weight.data_ptr(),))
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 weight [N, K] with float32 scale [N]."""
-    lib = library()
-    x, y = _rows(x, weight.shape[0])
-    for xs, ys in _chunks(x, y):
-        _checked(lib.midfill_linear_int8(xs.data_ptr(), weight.data_ptr(), scale.data_ptr(), ys.data_ptr(), xs.shape[0], *weight.shape))
-    return y
+    return _linear(library().midfill_linear_int8, x, weight.shape[0], (weight.data_ptr(), scale.data_ptr()))
 
 
 def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """Packed uint8 weight [N, K/2] with float16 scale and minimum [N, K/32]."""
-    lib = library()
-    n_out, in_features = weight.shape[0], weight.shape[1] * 2
-    x, y = _rows(x, n_out)
-    for xs, ys in _chunks(x, y):
-        _checked(
-            lib.midfill_linear_int4(
-                xs.data_ptr(), weight.data_ptr(), scale.data_ptr(), minimum.data_ptr(), ys.data_ptr(), xs.shape[0], n_out, in_features
-            )
+    pointers = (weight.data_ptr(), scale.data_ptr(), minimum.data_ptr())
+    return _linear(library().midfill_linear_int4, x, weight.shape[0], pointers)
+
+
+def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(D) + bias) v for one query per row: q [B, H, D]; k, v [B, >=S, D]; bias [B, H, S].
+
+    k and v may be views of a longer cache (rows contiguous, positions past S ignored).
+    """
+    batch, heads, dim = q.shape
+    span = bias.shape[-1]
+    if k.stride(2) != 1 or k.stride(1) != dim or v.stride() != k.stride():
+        raise ValueError("attention_one needs keys and values laid out [B, positions, D] with the same strides")
+    q, bias = q.contiguous(), bias.contiguous()
+    out = torch.empty_like(q)
+    _checked(
+        library().midfill_attention_one(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, heads, span, dim, k.stride(0), dim**-0.5
         )
-    return y
+    )
+    return out
+
+
+class Matrix(ctypes.Structure):
+    """A packed weight as decode.c's Matrix: format code, shape and data pointers."""
+
+    _fields_ = [("format", ctypes.c_int64), ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64),
+                ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p)]  # fmt: skip
+
+
+FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
+
+
+def matrix(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, minimum: torch.Tensor | None, n_in: int) -> Matrix:
+    pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return Matrix(FORMAT_CODES[fmt], weight.shape[0], n_in, weight.data_ptr(), pointer(scale), pointer(minimum))
+
+
+def decode_block(
+    x: torch.Tensor,
+    shape: tuple[int, int, int],
+    norms: tuple[torch.Tensor, torch.Tensor],
+    eps: float,
+    matrices: ctypes.Array,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    bias: torch.Tensor,
+) -> None:
+    """x [B, E] += one decoder block for one new token per row, in place.
+
+    shape = (heads, head_dim, mlp_width); matrices = q, kv, attention out, gate_up, mlp out;
+    keys/values [B, max_len, D] (one layer of the cache) receive the new token at slots [B] (int64).
+    """
+    batch, n_embd = x.shape
+    heads, head_dim, width = shape
+    _checked(
+        library().midfill_decode_block(
+            x.data_ptr(), batch, n_embd, heads, head_dim, width, norms[0].data_ptr(), norms[1].data_ptr(), eps,
+            ctypes.addressof(matrices), keys.data_ptr(), values.data_ptr(), keys.stride(0), slots.data_ptr(),
+            bias.data_ptr(), bias.shape[-1],
+        )
+    )
 
 
 def read_bandwidth(data: torch.Tensor) -> float:

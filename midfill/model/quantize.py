@@ -130,15 +130,16 @@ class PackedLinear(nn.Module):
         return weight.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and rows <= NATIVE_MAX_ROWS and native.available():
-            if self.fmt == "bf16":
-                y = native.linear_bf16(x, self.weight)
-            elif self.fmt == "int8":
-                y = native.linear_int8(x, self.weight, self.scale)
-            else:
-                y = native.linear_int4(x, self.weight, self.scale, self.minimum)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= NATIVE_MAX_ROWS * self.in_features:
+            if native.available():
+                rows = x.reshape(-1, self.in_features).contiguous()
+                if self.fmt == "bf16":
+                    y = native.linear_bf16(rows, self.weight)
+                elif self.fmt == "int8":
+                    y = native.linear_int8(rows, self.weight, self.scale)
+                else:
+                    y = native.linear_int4(rows, self.weight, self.scale, self.minimum)
+                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.unpack().to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -168,10 +169,15 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
         raise MidfillError(
             f"the model's weights are already stored as {model.weight_format}; load the original float checkpoint to get {fmt}"
         )
-    for name, parent, attribute, layer in linear_layers(model):
+    layers = linear_layers(model)
+    linear_weights = {id(layer.weight) for *_, layer in layers}
+    for param in model.parameters():  # not model.float(): that would widen the packed bf16/float16 buffers too
+        if id(param) not in linear_weights:
+            param.data = param.data.float()
+    for name, parent, attribute, layer in layers:
         setattr(parent, attribute, PackedLinear.pack(layer.weight, layer_format(fmt, name)))
     model.weight_format = fmt
-    return model.float()
+    return model
 
 
 def empty_packed(model: nn.Module, fmt: str) -> nn.Module:

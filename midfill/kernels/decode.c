@@ -15,12 +15,14 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAX_ROWS 4
 #define GROUP 32
 #ifndef PREFETCH
-#define PREFETCH 2048 /* bytes ahead of the weight being read: the hardware prefetcher alone leaves gaps */
+#define PREFETCH 1024 /* bytes ahead of the weight being read: the hardware prefetcher alone leaves gaps */
 #endif
 
 static inline float hsum(__m256 v) {
@@ -238,4 +240,196 @@ float midfill_read_bandwidth(const float *data, int64_t count) {
         total += hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     }
     return total;
+}
+
+/* exp for 8 floats: 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial (relative error ~1e-7). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+
+/* Lane i of the result is the sum of a[i]'s lanes: eight horizontal sums for the price of about two. */
+static inline __m256 hsum8x8(const __m256 a[8]) {
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+/* Softmax in place over one head's scores p[0..S) (padded with -inf to a multiple of 8); returns 1/sum. */
+static inline float softmax_unnormalized(float *p, int64_t S) {
+    const int64_t padded = (S + 7) / 8 * 8;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < S; j++) top = p[j] > top ? p[j] : top;
+    for (int64_t j = S; j < padded; j++) p[j] = -INFINITY;
+    __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
+    for (int64_t j = 0; j < padded; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), shift));
+        _mm256_storeu_ps(p + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    return 1.0f / hsum(total);
+}
+
+/* G heads of one row against the shared K/V head, inlined with G and D known at compile time.
+ * Each key and value vector is loaded once for all G heads (the cache is re-read H/G times, not H):
+ * scores take 8/G keys at a time for G heads, eight sums in registers; values take 8/G of the D/8
+ * column blocks at a time for G heads. */
+ALWAYS_INLINE void attend_heads(const float *qv, const float *keys, const float *values, const float *bv, float *p,
+                                float *o, int64_t S, int64_t padded, float scale, const int G, const int D) {
+    const int KB = 8 / G, DB = 8 / G;
+    int64_t j = 0;
+    for (; j + KB <= S; j += KB) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8)
+            for (int kb = 0; kb < KB; kb++) {
+                __m256 kd = _mm256_loadu_ps(keys + (j + kb) * D + d);
+                for (int g = 0; g < G; g++) a[g * KB + kb] = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + d), kd, a[g * KB + kb]);
+            }
+        float sums[8];
+        _mm256_storeu_ps(sums, hsum8x8(a));
+        for (int g = 0; g < G; g++)
+            for (int kb = 0; kb < KB; kb++) p[g * padded + j + kb] = sums[g * KB + kb] * scale + bv[g * S + j + kb];
+    }
+    for (; j < S; j++)
+        for (int g = 0; g < G; g++) {
+            __m256 a0 = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + d), _mm256_loadu_ps(keys + j * D + d), a0);
+            p[g * padded + j] = hsum(a0) * scale + bv[g * S + j];
+        }
+    float inverse[8];
+    for (int g = 0; g < G; g++) inverse[g] = softmax_unnormalized(p + g * padded, S);
+    for (int block = 0; block < D / 8; block += DB) {
+        __m256 acc[8];
+        for (int i = 0; i < G * DB; i++) acc[i] = _mm256_setzero_ps();
+        for (j = 0; j < S; j++)
+            for (int db = 0; db < DB && block + db < D / 8; db++) {
+                __m256 vd = _mm256_loadu_ps(values + j * D + 8 * (block + db));
+                for (int g = 0; g < G; g++) acc[g * DB + db] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * padded + j]), vd, acc[g * DB + db]);
+            }
+        for (int g = 0; g < G; g++)
+            for (int db = 0; db < DB && block + db < D / 8; db++)
+                _mm256_storeu_ps(o + g * D + 8 * (block + db), _mm256_mul_ps(acc[g * DB + db], _mm256_set1_ps(inverse[g])));
+    }
+}
+
+/* One new query per row against its cached keys, for every head of a multi-query layer.
+ *
+ * q, out: [B, H, D]; k, v: row b's keys start at b * row_stride, one D-vector per position;
+ * bias: [B, H, S] additive (ALiBi and masks, -inf-like where hidden). D is 32, 64 or 128.
+ * All heads share the one K/V head, so K and V stay in cache while the heads take turns.
+ */
+int midfill_attention_one(const float *q, const float *k, const float *v, const float *bias, float *out, int64_t B,
+                          int64_t H, int64_t S, int64_t D, int64_t row_stride, float scale) {
+    if (D != 32 && D != 64 && D != 128) return -2;
+    const int64_t padded = (S + 7) / 8 * 8, G = H % 4 == 0 ? 4 : 1, groups = B * H / G;
+    float *scratch = malloc((size_t)B * H * padded * sizeof(float));
+    if (!scratch) return -1;
+#pragma omp parallel for schedule(static)
+    for (int64_t group = 0; group < groups; group++) {
+        const int64_t bh = group * G, b = bh / H;
+        const float *keys = k + b * row_stride, *values = v + b * row_stride;
+#define ATTEND(GROUP_HEADS, DIM) \
+    attend_heads(q + bh * D, keys, values, bias + bh * S, scratch + bh * padded, out + bh * D, S, padded, scale, GROUP_HEADS, DIM)
+        if (G == 4) {
+            if (D == 32) ATTEND(4, 32);
+            else if (D == 64) ATTEND(4, 64);
+            else ATTEND(4, 128);
+        } else {
+            if (D == 32) ATTEND(1, 32);
+            else if (D == 64) ATTEND(1, 64);
+            else ATTEND(1, 128);
+        }
+#undef ATTEND
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- One whole decoder block for one new token per row, so a decoded token costs one call per layer. ---- */
+
+enum { FORMAT_BF16 = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2 };
+
+typedef struct {
+    int64_t format, n_out, n_in;
+    const void *weight, *scale, *minimum;
+} Matrix;
+
+/* y [M, n_out] = x [M, n_in] W^T, any number of rows. */
+static int matrix_apply(const Matrix *m, const float *x, float *y, int64_t M) {
+    for (int64_t start = 0; start < M; start += MAX_ROWS) {
+        const int64_t rows = M - start < MAX_ROWS ? M - start : MAX_ROWS;
+        const float *xs = x + start * m->n_in;
+        float *ys = y + start * m->n_out;
+        int status;
+        if (m->format == FORMAT_BF16) status = midfill_linear_bf16(xs, m->weight, ys, rows, m->n_out, m->n_in);
+        else if (m->format == FORMAT_INT8) status = midfill_linear_int8(xs, m->weight, m->scale, ys, rows, m->n_out, m->n_in);
+        else status = midfill_linear_int4(xs, m->weight, m->scale, m->minimum, ys, rows, m->n_out, m->n_in);
+        if (status) return status;
+    }
+    return 0;
+}
+
+/* Bias-free LayerNorm of each row of x [M, E] into out. */
+static void layer_norm(const float *x, const float *weight, float eps, float *out, int64_t M, int64_t E) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * E;
+        double sum = 0.0, squares = 0.0;
+        for (int64_t e = 0; e < E; e++) sum += xm[e], squares += (double)xm[e] * xm[e];
+        const double mean = sum / E, variance = squares / E - mean * mean;
+        const float inverse = (float)(1.0 / sqrt((variance > 0 ? variance : 0) + eps)), shift = (float)mean;
+        for (int64_t e = 0; e < E; e++) out[m * E + e] = (xm[e] - shift) * inverse * weight[e];
+    }
+}
+
+/* out [M, F] = silu(gate) * up, with gate_up [M, 2F] = [gate | up]. */
+static void swiglu(const float *gate_up, float *out, int64_t M, int64_t F) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = gate_up + m * 2 * F, *up = gate + F;
+        for (int64_t f = 0; f < F; f += 8) {
+            __m256 g = _mm256_loadu_ps(gate + f);
+            __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            _mm256_storeu_ps(out + m * F + f, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + f)));
+        }
+    }
+}
+
+/* x [M, E] += block(x). matrices: q, kv, attention out, gate_up, mlp out. The new token's key and
+ * value go to k_cache/v_cache at row m * row_stride + slots[m] * D; bias [M, H, S] as for attention.
+ * F (the MLP width) is a multiple of 8, E and D multiples of 32. */
+int midfill_decode_block(float *x, int64_t M, int64_t E, int64_t H, int64_t D, int64_t F, const float *ln_1,
+                         const float *ln_2, float eps, const Matrix *matrices, float *k_cache, float *v_cache,
+                         int64_t row_stride, const int64_t *slots, const float *bias, int64_t S) {
+    float *h = malloc(M * E * sizeof(float)), *q = malloc(M * E * sizeof(float)), *kv = malloc(M * 2 * D * sizeof(float));
+    float *mixed = malloc(M * E * sizeof(float)), *wide = malloc(M * 2 * F * sizeof(float)), *act = malloc(M * F * sizeof(float));
+    int status = -1;
+    if (!h || !q || !kv || !mixed || !wide || !act) goto done;
+    layer_norm(x, ln_1, eps, h, M, E);
+    if ((status = matrix_apply(&matrices[0], h, q, M)) || (status = matrix_apply(&matrices[1], h, kv, M))) goto done;
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(k_cache + m * row_stride + slots[m] * D, kv + m * 2 * D, D * sizeof(float));
+        memcpy(v_cache + m * row_stride + slots[m] * D, kv + m * 2 * D + D, D * sizeof(float));
+    }
+    if ((status = midfill_attention_one(q, k_cache, v_cache, bias, mixed, M, H, S, D, row_stride, 1.0f / sqrtf((float)D)))) goto done;
+    if ((status = matrix_apply(&matrices[2], mixed, h, M))) goto done;
+    for (int64_t i = 0; i < M * E; i++) x[i] += h[i];
+    layer_norm(x, ln_2, eps, h, M, E);
+    if ((status = matrix_apply(&matrices[3], h, wide, M))) goto done;
+    swiglu(wide, act, M, F);
+    if ((status = matrix_apply(&matrices[4], act, h, M))) goto done;
+    for (int64_t i = 0; i < M * E; i++) x[i] += h[i];
+done:
+    free(h), free(q), free(kv), free(mixed), free(wide), free(act);
+    return status;
 }

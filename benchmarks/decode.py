@@ -1,0 +1,162 @@
+"""Decode benchmark: Refact-1.6B's real shape on this machine, fp32 / bf16 / int8 / int4 weights.
+
+    python benchmarks/decode.py [--formats fp32,bf16,int8,int4] [--prompt 512] [--new 64] [--layers N]
+
+Builds a random-weight model with the real 1.6B config in memory (no download; speed does not
+depend on the values), then per format, each in its own process so peak RSS is its own:
+- read bandwidth: a 1 GiB buffer read by midfill's native read loop and by torch's sum (the better
+  of the two), measured between slices of the decode, so the bound and the speed share one run;
+- time to first token and prefill tokens/s on a --prompt-token prompt (chunked prefill);
+- decode tokens/s over --new tokens, through the engine's own decode loop (midfill.engine);
+- the bound: bandwidth / bytes of weights read per token, and decode speed as a fraction of it
+  (the median over the slices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from midfill.engine import Sampler, SamplingParams
+from midfill.engine.decode import decode_steps
+from midfill.kernels import native
+from midfill.model import GPTRefactForCausalLM, RefactConfig
+from midfill.model.alibi import alibi_slopes
+from midfill.model.quantize import PackedLinear, empty_packed, linear_layers, weight_bytes_per_token
+
+BANDWIDTH_BYTES = 1 << 30
+
+
+def random_packed(layer: PackedLinear) -> None:
+    """Fill a packed layer with random codes and plausible scales (speed ignores the values)."""
+    for name, buffer in layer.named_buffers():
+        if buffer.dtype in (torch.int8, torch.uint8):
+            value = torch.randint(-127 if buffer.dtype == torch.int8 else 0, 128, buffer.shape, dtype=buffer.dtype)
+        else:
+            value = (torch.randn(buffer.shape) * 0.02).to(buffer.dtype)
+        setattr(layer, name, value)
+
+
+def build(fmt: str, n_layer: int | None) -> GPTRefactForCausalLM:
+    config = RefactConfig() if n_layer is None else RefactConfig(n_layer=n_layer)
+    with torch.device("meta"):
+        model = GPTRefactForCausalLM(config)
+    if fmt != "fp32":
+        empty_packed(model, fmt)
+    model = model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.ones_like(param) if "ln" in name else torch.randn_like(param) * 0.02)
+        for _, _, _, layer in linear_layers(model):
+            if isinstance(layer, PackedLinear):
+                random_packed(layer)
+    model.alibi_slopes = alibi_slopes(config.n_head)
+    return model.eval()
+
+
+class Bandwidth:
+    """Read bandwidth of a buffer far larger than the caches, through every reader on offer."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.ones(BANDWIDTH_BYTES // 4)
+        self.readers = [lambda: float(self.buffer.sum())]
+        if native.available():
+            self.readers.append(lambda: native.read_bandwidth(self.buffer))
+
+    def measure(self, passes: int = 1) -> float:
+        """Best bytes/s over `passes` reads with each reader."""
+        best = 0.0
+        for read in self.readers:
+            for _ in range(passes):
+                start = time.perf_counter()
+                read()
+                best = max(best, BANDWIDTH_BYTES / (time.perf_counter() - start))
+        return best
+
+
+def measure(fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, rounds: int = 8) -> dict:
+    """Prefill, then decode in `rounds` slices, each right after a bandwidth reading.
+
+    This machine's bandwidth drifts by 20% from minute to minute, so the fraction of the bound
+    is taken per round (tokens/s over the bound of that moment) and the median round reported.
+    """
+    model = build(fmt, n_layer)
+    weight_bytes = weight_bytes_per_token(model)
+    bandwidth = Bandwidth()
+    bandwidth.measure(passes=2)  # warm both readers
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens))
+    sampler = Sampler(SamplingParams(), model.device)
+
+    start = time.perf_counter()
+    steps = decode_steps(model, prompt, new_tokens + 1, sampler)
+    next(steps)
+    ttft = time.perf_counter() - start
+    per_round = max(1, new_tokens // rounds)
+    fractions, readings, decode_seconds, decoded = [], [], 0.0, 0
+    while decoded < new_tokens:
+        readings.append(bandwidth.measure())
+        n = min(per_round, new_tokens - decoded)
+        start = time.perf_counter()
+        for _ in range(n):
+            next(steps)
+        elapsed = time.perf_counter() - start
+        decode_seconds, decoded = decode_seconds + elapsed, decoded + n
+        fractions.append((n / elapsed) / (readings[-1] / weight_bytes))
+    decode = new_tokens / decode_seconds
+    band = statistics.median(readings)
+    return {
+        "format": fmt,
+        "layers": model.config.n_layer,
+        "parameters": model.num_parameters(),
+        "weight_bytes_per_token": weight_bytes,
+        "bandwidth_gb_s": band / 1e9,
+        "ttft_s": ttft,
+        "prefill_tok_s": prompt_tokens / ttft,
+        "decode_tok_s": decode,
+        "bound_tok_s": band / weight_bytes,
+        "fraction_of_bound": statistics.median(fractions),
+        "fraction_per_round": [round(f, 3) for f in fractions],
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "native_kernels": native.available(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="fp32,bf16,int8,int4")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (default: the real 32)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one format in this process (used by the parent)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.prompt, args.new, args.layers)))
+        return
+    rows = []
+    for fmt in args.formats.split(","):
+        command = [sys.executable, __file__, "--one", fmt, "--prompt", str(args.prompt), "--new", str(args.new)]
+        if args.layers:
+            command += ["--layers", str(args.layers)]
+        rows.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+        row = rows[-1]
+        print(
+            f"{row['format']:>5}: {row['weight_bytes_per_token'] / 1e9:.2f} GB/token, read {row['bandwidth_gb_s']:.1f} GB/s, "
+            f"bound {row['bound_tok_s']:.2f} tok/s, decode {row['decode_tok_s']:.2f} tok/s "
+            f"({row['fraction_of_bound']:.0%} of bound), prefill {row['prefill_tok_s']:.1f} tok/s, "
+            f"TTFT {row['ttft_s']:.2f} s, peak RSS {row['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
