@@ -179,3 +179,23 @@ def test_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, tmp_path):
 
 def test_serve_bad_option(tiny_model_dir):
     assert_user_error(invoke("serve", "--model", tiny_model_dir, "--fim-order", "mps"), "unknown --fim-order")
+
+
+def test_quantize_then_complete_with_the_packed_checkpoint(tiny_model_dir, tmp_path):
+    packed = tmp_path / "int8"
+    result = invoke("quantize", "--model", tiny_model_dir, "--format", "int8", "--out", packed)
+    assert result.exit_code == 0, result.output
+    assert (packed / "tokenizer.json").is_file()
+    info = invoke("info", "--model", packed)
+    assert info.exit_code == 0 and "int8" in info.stdout
+    prompt = "def f(x):\n    return"
+    result = invoke("complete", "--model", packed, "--prefix", prompt, "--mode", "free", "--max-tokens", "6")
+    assert result.exit_code == 0, result.output
+    on_the_fly = invoke("complete", "--model", tiny_model_dir, "--quantize", "int8", "--prefix", prompt, "--mode", "free",
+                        "--max-tokens", "6")  # fmt: skip
+    assert on_the_fly.stdout == result.stdout
+
+
+def test_bad_quantize_format(tiny_model_dir, tmp_path):
+    assert_user_error(invoke("complete", "--model", tiny_model_dir, "--quantize", "int3"), "int3", "int8")
+    assert_user_error(invoke("quantize", "--model", tiny_model_dir, "--format", "fp8", "--out", tmp_path), "fp8")

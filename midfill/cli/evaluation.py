@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from midfill.cli.common import DeviceOpt, DtypeOpt, ModelOpt, TokenizerOpt, app, err, load, user_errors
+from midfill.cli.common import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, TokenizerOpt, app, err, load, user_errors
 from midfill.errors import MidfillError
 
 eval_app = typer.Typer(help="Benchmarks: HumanEval (FIM, completion, chat), infilling, MultiPL-E.", no_args_is_help=True)
@@ -37,7 +37,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 
 def run_benchmark(tasks, fmt: str, model, tokenizer, dtype, device, out: Path, n: int, temperature: float, k: str,
-                  max_tokens: int, workers: int, seed: int) -> None:
+                  max_tokens: int, workers: int, seed: int, quantize: str | None = None) -> None:
     from midfill.engine.scheduler import Engine
     from midfill.eval.runner import EvalConfig, execute_samples, generate_samples, score, write_report
     from midfill.eval.sandbox import Limits
@@ -47,7 +47,7 @@ def run_benchmark(tasks, fmt: str, model, tokenizer, dtype, device, out: Path, n
         raise MidfillError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
     config = EvalConfig(fmt=fmt, n=n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    net, tok = load(model, tokenizer, dtype, device)
+    net, tok = load(model, tokenizer, dtype, device, quantize)
     if config.max_new_tokens >= net.config.n_positions:
         raise MidfillError(f"--max-tokens {max_tokens} leaves no room for prompts in a {net.config.n_positions}-token context")
     engine = Engine(net, tok, max_batch=8, max_queue=64)
@@ -101,6 +101,7 @@ def eval_humaneval(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """HumanEval pass@k in Refact's FIM format, left-to-right completion, or the chat format."""
     from midfill.eval.tasks import FORMATS, humaneval_tasks
@@ -108,7 +109,7 @@ def eval_humaneval(
     if format not in FORMATS:
         raise MidfillError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     tasks = humaneval_tasks()[:limit]
-    run_benchmark(tasks, format, model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed)
+    run_benchmark(tasks, format, model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed, quantize)
 
 
 @eval_app.command("infill")
@@ -127,6 +128,7 @@ def eval_infill(
     seed: Annotated[int, typer.Option(help="Seed for random spans and sampling.")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """HumanEval infilling from the canonical solutions, scored by execution and exact match."""
     from midfill.eval.tasks import INFILL_MODES, infill_tasks
@@ -134,7 +136,7 @@ def eval_infill(
     if mode not in INFILL_MODES:
         raise MidfillError(f"unknown --mode {mode!r}; use one of {', '.join(INFILL_MODES)}")
     tasks = infill_tasks(mode, seed)[:limit]
-    run_benchmark(tasks, f"infill-{mode}", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed)
+    run_benchmark(tasks, f"infill-{mode}", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed, quantize)
 
 
 @eval_app.command("score")
@@ -198,6 +200,7 @@ def eval_multipl_e(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """MultiPL-E's HumanEval translations, run with the language's runtime (data via `datasets`)."""
     import shutil
@@ -208,4 +211,4 @@ def eval_multipl_e(
     if lang in MULTIPLE_RUNTIMES and shutil.which(runtime) is None:
         raise MidfillError(f"MultiPL-E {lang} needs `{runtime}`, which is not installed here; skipping")
     tasks = multipl_e_tasks(lang)[:limit]
-    run_benchmark(tasks, "multipl-e", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed)
+    run_benchmark(tasks, "multipl-e", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed, quantize)

@@ -18,6 +18,7 @@ from midfill.cli.common import (
     DtypeOpt,
     MaxTokensOpt,
     ModelOpt,
+    QuantizeOpt,
     RepetitionOpt,
     SeedOpt,
     TemperatureOpt,
@@ -33,8 +34,9 @@ from midfill.cli.common import (
 )  # fmt: skip
 from midfill.engine import SamplingParams, StopRules, TextAssembler, cursor_indent, stream_text
 from midfill.errors import MidfillError
+from midfill.files import write_bytes_atomic
 from midfill.model import GPTRefactForCausalLM
-from midfill.model.checkpoint import load_model
+from midfill.model.checkpoint import load_model, save_model
 from midfill.prompts import FIM_ORDERS, ChatMessage, chat_prompt, fim_prompt
 from midfill.tokenizer import load_tokenizer
 
@@ -93,6 +95,7 @@ def complete(
     ctx: CtxOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Fill in the middle at a cursor and stream the completion to the terminal."""
     if order not in FIM_ORDERS:
@@ -101,7 +104,7 @@ def complete(
         prefix, suffix = cursor_split(file, line, column)
     rules = StopRules.for_mode(mode, cursor_indent(prefix))
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    net, tok = load(model, tokenizer, dtype, device)
+    net, tok = load(model, tokenizer, dtype, device, quantize)
     budget = prompt_budget(net, ctx, max_tokens)
     prompt = fim_prompt(tok, prefix, suffix, order=order, budget=budget)
     assembler = TextAssembler(tok, rules)
@@ -134,10 +137,11 @@ def chat(
     ctx: CtxOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Chat with the model: one-shot with --message, otherwise interactively (Ctrl-D or 'exit' ends)."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    net, tok = load(model, tokenizer, dtype, device)
+    net, tok = load(model, tokenizer, dtype, device, quantize)
     budget = prompt_budget(net, ctx, max_tokens)
     history = [ChatMessage("system", system)] if system else []
     while True:
@@ -198,6 +202,7 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="Model name clients see (default: the folder's).")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Serve completions and chat over HTTP: OpenAI, Refact and llama.cpp protocols."""
     import uvicorn  # the server stack is imported only when serving: it slows every other command
@@ -208,12 +213,13 @@ def serve(
 
     if fim_order not in FIM_ORDERS:
         raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
-    net, tok = load(model, tokenizer, dtype, device)
+    net, tok = load(model, tokenizer, dtype, device, quantize)
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
     default_name = "midfill-embedded" if model is None else Path(model).name
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order)
     err.print(
-        f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, {net.dtype}, {net.device}, "
+        f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, "
+        f"weights {net.weight_format or net.dtype}, {net.device}, "
         f"context {engine.ctx}) at http://{host}:{port}" + (" with an API key" if api_key else "")
     )
     logging.basicConfig(level=logging.INFO, format="midfill: %(message)s")
@@ -227,14 +233,16 @@ def info(
     tokenizer: TokenizerOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Show a model's parameters, dtype, configuration and tokenizer."""
     model = model_or_default(model)
     with err.status(f"loading {model} ..."):
-        net = load_model(model, dtype=dtype, device=device)
+        net = load_model(model, dtype=dtype, device=device, quantize=quantize)
     table = Table(title=f"model {net.source}", show_header=False)
     table.add_row("parameters", f"{net.num_parameters():,}")
     table.add_row("dtype / device", f"{net.dtype} / {net.device}")
+    table.add_row("weights", net.weight_format or str(net.lm_head.weight.dtype).removeprefix("torch."))
     table.add_row("MLP hidden size", str(net.config.mlp_hidden))
     for key, value in net.config.to_dict().items():
         table.add_row(key, str(value))
@@ -247,3 +255,25 @@ def info(
     specials = ", ".join(f"{name}={getattr(tok, name)}" for name in
                          ("eot_id", "fim_prefix_id", "fim_middle_id", "fim_suffix_id", "empty_output_id"))
     out.print(f"tokenizer: {tok.source}, {tok.vocab_size} tokens; {specials}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@app.command()
+@user_errors
+def quantize(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the packed checkpoint.")],
+    weights: Annotated[str, typer.Option("--format", help="bf16, int8 or int4.")] = "int8",
+    model: ModelOpt = None,
+) -> None:
+    """Pack a float checkpoint's linear weights once and save it; complete/chat/serve then load it packed."""
+    source = model_or_default(model)
+    with err.status(f"packing {source} as {weights} ..."):
+        net = load_model(source, quantize=weights)
+        save_model(net, out_dir)
+    for name in TOKENIZER_FILES:
+        if (Path(net.source) / name).is_file():
+            write_bytes_atomic(out_dir / name, (Path(net.source) / name).read_bytes())
+    size = (out_dir / "model.safetensors").stat().st_size
+    out.print(f"{out_dir}: {weights} checkpoint, {size / 2**20:.1f} MiB ({net.num_parameters():,} parameters)")

@@ -37,6 +37,13 @@ static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+/* Lane i of the result is the sum of a[i]'s lanes: eight horizontal sums for the price of about two. */
+static inline __m256 hsum8x8(const __m256 a[8]) {
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
 /* The row kernels are written once for a compile-time row count and inlined per count. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -147,29 +154,51 @@ ALWAYS_INLINE void row_int8(const Rows *rows, const int8_t *w, float scale, floa
     for (int m = 0; m < M; m++) y[m * N + n] = scale * rows->scale[m] * hsum(total[m]);
 }
 
+/* Groups go eight at a time: their integer dots are summed across lanes together (hsum8x8), then
+ * scaled by eight float16 scales in one vector; the minimum term is a dot of minimums with group sums. */
 ALWAYS_INLINE void row_int4(const Rows *rows, const uint8_t *w, const uint16_t *scale, const uint16_t *minimum, float *y,
                             int64_t n, int64_t N, int64_t K, const int M) {
     const int64_t groups = K / GROUP;
     const __m128i low = _mm_set1_epi8(0x0F);
-    __m256 acc[MAX_ROWS];
-    float offset[MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps(), offset[m] = 0.0f;
-    for (int64_t g = 0; g < groups; g++) {
-        _mm_prefetch((const char *)(w + g * GROUP / 2) + PREFETCH, _MM_HINT_T0);
+    __m256 acc[MAX_ROWS], offset[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = offset[m] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256 dots[MAX_ROWS][8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *wg = w + (g + i) * GROUP / 2;
+            _mm_prefetch((const char *)wg + PREFETCH, _MM_HINT_T0);
+            __m128i bytes = _mm_loadu_si128((const __m128i *)wg);
+            __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low));
+            __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+            for (int m = 0; m < M; m++) {
+                const int16_t *xm = rows->q + m * K + (g + i) * GROUP;
+                __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xm)),
+                                               _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xm + 16))));
+                dots[m][i] = _mm256_cvtepi32_ps(dot);
+            }
+        }
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g)));
+        __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(minimum + g)));
+        for (int m = 0; m < M; m++) {
+            acc[m] = _mm256_fmadd_ps(hsum8x8(dots[m]), s, acc[m]);
+            offset[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(rows->sums + m * groups + g), offset[m]);
+        }
+    }
+    float tail[MAX_ROWS] = {0};
+    for (; g < groups; g++) {
         __m128i bytes = _mm_loadu_si128((const __m128i *)(w + g * GROUP / 2));
         __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low));
         __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low));
-        __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[g]));
-        float mn = _cvtsh_ss(minimum[g]);
         for (int m = 0; m < M; m++) {
             const int16_t *xm = rows->q + m * K + g * GROUP;
             __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xm)),
                                            _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xm + 16))));
-            acc[m] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc[m]);
-            offset[m] += mn * rows->sums[m * groups + g];
+            tail[m] += _cvtsh_ss(scale[g]) * hsum(_mm256_cvtepi32_ps(dot)) * rows->scale[m]
+                       + _cvtsh_ss(minimum[g]) * rows->sums[m * groups + g];
         }
     }
-    for (int m = 0; m < M; m++) y[m * N + n] = rows->scale[m] * hsum(acc[m]) + offset[m];
+    for (int m = 0; m < M; m++) y[m * N + n] = rows->scale[m] * hsum(acc[m]) + hsum(offset[m]) + tail[m];
 }
 
 /* Each entry point takes M <= MAX_ROWS rows (the caller splits taller inputs) and returns 0, or -1 when
@@ -257,13 +286,6 @@ static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
-}
-
-/* Lane i of the result is the sum of a[i]'s lanes: eight horizontal sums for the price of about two. */
-static inline __m256 hsum8x8(const __m256 a[8]) {
-    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
 /* Softmax in place over one head's scores p[0..S) (padded with -inf to a multiple of 8); returns 1/sum. */

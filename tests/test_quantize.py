@@ -1,0 +1,187 @@
+"""Packed weight formats, the native kernels against their torch reference, and the lean decode step."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from midfill.errors import MidfillError
+from midfill.kernels import native
+from midfill.model import KVCache
+from midfill.model.checkpoint import load_model, save_model
+from midfill.model.decode_step import decode_one, native_blocks
+from midfill.model.quantize import FORMATS, GROUP, PackedLinear, pack_int4, quantize_model, round_int4
+
+from .helpers import tiny_model
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels need x86-64 with AVX2/FMA/F16C and a C compiler")
+
+
+def attention_model(seed: int = 0):
+    """Head size 32, so the native attention and block kernels apply."""
+    return tiny_model(seed, n_embd=128, n_head=4)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_native_linear_matches_the_unpacked_reference(fmt, rows):
+    torch.manual_seed(rows)
+    layer = PackedLinear.pack(torch.randn(72, 320) * 0.05, fmt)
+    x = torch.randn(rows, 320)
+    expected = F.linear(x, layer.unpack())
+    assert len(layer(x)) == rows
+    # bf16 is exact up to float32 summation order; int8/int4 also round activations to int16
+    tolerance = 1e-5 if fmt == "bf16" else 2e-4
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fallback_path_is_the_reference(fmt, monkeypatch):
+    layer = PackedLinear.pack(torch.randn(40, 64), fmt)
+    monkeypatch.setattr(native, "available", lambda: False)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ layer.unpack().T)
+
+
+def test_packing_errors_stay_within_half_a_step():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    int8 = PackedLinear.pack(weight, "int8")
+    assert int8.weight.dtype == torch.int8 and int8.weight.abs().max() <= 127
+    assert ((int8.unpack() - weight).abs() <= int8.scale[:, None] / 2 + 1e-6).all()
+    int4 = PackedLinear.pack(weight, "int4")
+    assert int4.weight.shape == (64, 128) and int4.scale.dtype == torch.float16
+    step = int4.scale.float().repeat_interleave(GROUP, dim=1)
+    # refitted ranges may clip a group's extremes, but never by more than a few steps
+    assert ((int4.unpack() - weight).abs() <= 3 * step + 1e-3).all()
+    assert torch.equal(PackedLinear.pack(weight, "bf16").unpack(), weight.bfloat16().float())
+
+
+def test_int4_refit_is_never_worse_than_min_max():
+    torch.manual_seed(1)
+    weight = torch.randn(128, 512) * torch.rand(128, 1)
+    weight[0, 3] = 8.0  # an outlier that a min/max range wastes levels on
+    groups = weight.view(128, -1, GROUP)
+    minimum = groups.amin(-1)
+    _, plain_error = round_int4(groups, (groups.amax(-1) - minimum) / 15, minimum)
+    packed = pack_int4(weight)
+    _, refit_error = round_int4(groups, packed["scale"].float(), packed["minimum"].float())
+    assert (refit_error <= plain_error + 1e-6).all()
+    assert refit_error.sum() < 0.9 * plain_error.sum()
+
+
+def test_quantize_model_keeps_packed_dtypes_and_widens_sensitive_layers():
+    model = quantize_model(tiny_model().to(torch.bfloat16), "int4")
+    attn = model.transformer.h[0].attn
+    assert attn.q.weight.dtype == torch.uint8 and attn.q.scale.dtype == torch.float16
+    assert attn.kv.fmt == "int8" and model.lm_head.fmt == "int8"
+    assert model.dtype == torch.float32 and model.transformer.wte.weight.dtype == torch.float32
+    bf16 = quantize_model(tiny_model(), "bf16")
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    assert quantize_model(tiny_model(), "int8").lm_head.fmt == "bf16"
+    assert model.num_parameters() == tiny_model().num_parameters()
+
+
+def test_packed_checkpoint_reloads_without_quantizing_again(tmp_path):
+    model = quantize_model(tiny_model(), "int8")
+    save_model(model, tmp_path)
+    assert '"midfill_weight_format": "int8"' in (tmp_path / "config.json").read_text()
+    reloaded = load_model(tmp_path)
+    assert reloaded.weight_format == "int8"
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids), model(ids))
+    assert load_model(tmp_path, quantize="int8").weight_format == "int8"
+    with pytest.raises(MidfillError, match="stored as int8"):
+        load_model(tmp_path, quantize="int4")
+
+
+def test_float_checkpoint_packs_on_load(tmp_path):
+    save_model(tiny_model(), tmp_path)
+    loaded = load_model(tmp_path, quantize="int4")
+    direct = quantize_model(tiny_model(), "int4")
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids), direct(ids))
+    with pytest.raises(MidfillError, match="unknown weight format"):
+        load_model(tmp_path, quantize="int3")
+
+
+@needs_native
+def test_native_attention_matches_softmax_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 64), torch.randn(3, 50, 64), torch.randn(3, 50, 64)
+    bias = torch.randn(3, 8, 37)
+    bias[1, :, 20:] = torch.finfo(torch.float32).min  # hidden keys
+    span = bias.shape[-1]
+    expected = torch.softmax(q @ k[:, :span].transpose(1, 2) / 8 + bias, -1) @ v[:, :span]
+    torch.testing.assert_close(native.attention_one(q, k, v, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def decode_against_forward(model, batch: int = 3, prompt: int = 9):
+    """Logits of one decode step and of the plain forward pass from identical caches (rows of different lengths)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt))
+    mask = torch.ones(batch, prompt + 1, dtype=torch.long)
+    mask[1, :4] = 0  # a left-padded row
+    caches = [KVCache.allocate(model.config, batch, 32, torch.float32, "cpu") for _ in range(2)]
+    new = torch.randint(0, model.config.vocab_size, (batch,))
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids, attention_mask=mask[:, :prompt], cache=cache)
+        expected = model(new[:, None], attention_mask=mask, cache=caches[0])[:, -1]
+        got = decode_one(model, new, caches[1], mask)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-3, atol=1e-4)
+    assert torch.equal(caches[1].lengths, caches[0].lengths)
+    return got, expected
+
+
+@pytest.mark.parametrize("fmt", [None, *FORMATS])
+def test_decode_step_equals_the_forward_pass(fmt):
+    model = attention_model()
+    if fmt is not None:
+        model = quantize_model(model, fmt)
+        assert (native_blocks(model) is not None) == native.available()
+    got, expected = decode_against_forward(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_without_native_kernels(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    got, expected = decode_against_forward(quantize_model(attention_model(), "int8"))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    got, expected = decode_against_forward(tiny_model())  # head size 16: the torch attention
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_greedy_generation_follows_its_own_logits():
+    """Each generated token is the argmax of the packed model's full forward pass over the text so far."""
+    from midfill.engine import generate
+
+    model = quantize_model(attention_model(), "int4")
+    prompt = [5, 17, 99, 3]
+    out = generate(model, prompt, max_new_tokens=8, stop_ids=[])
+    with torch.inference_mode():
+        for i, token in enumerate(out):
+            logits = model(torch.tensor([prompt + out[:i]]))[0, -1]
+            assert token == int(logits.argmax())
+
+
+def test_embedded_model_keeps_its_predictions_when_packed():
+    """Top-1 next-token agreement with bf16 on held-out standard-library modules (issue 7's quality bar)."""
+    from midfill.hub import EMBEDDED_MODEL
+    from midfill.recipe import stdlib_documents
+    from midfill.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(EMBEDDED_MODEL))
+    ids = [i for doc in stdlib_documents(held_out=True) for i in tok.encode(doc.text) + [tok.eot_id]]
+    windows = torch.tensor(ids[: 16 * 512]).view(16, 512)
+    base = load_model(EMBEDDED_MODEL)
+    reference = quantize_model(copy.deepcopy(base), "bf16")
+    with torch.inference_mode():
+        expected = reference(windows).argmax(-1)
+        agreement = {fmt: (quantize_model(copy.deepcopy(base), fmt)(windows).argmax(-1) == expected).float().mean().item()
+                     for fmt in ("int8", "int4")}  # fmt: skip
+    assert agreement["int8"] >= 0.99 and agreement["int4"] >= 0.95, agreement
