@@ -39,6 +39,7 @@ TopKOpt = Annotated[int, typer.Option(min=0, help="Sample from the k most likely
 TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
 RepetitionOpt = Annotated[float, typer.Option(help=">1 discourages repeating context tokens.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")]
+LoraOpt = Annotated[Optional[str], typer.Option(help="LoRA adapter folder from `midfill finetune`, folded in at load.")]
 CtxOpt = Annotated[Optional[int], typer.Option(min=16, help="Context size in tokens (default: the model's).")]
 
 
@@ -68,11 +69,22 @@ def model_or_default(model: str | None) -> str:
 
 
 def load(
-    model: str | None, tokenizer: str | None, dtype: str, device: str, quantize: str | None = None
+    model: str | None, tokenizer: str | None, dtype: str, device: str, quantize: str | None = None, lora: str | None = None
 ) -> tuple[GPTRefactForCausalLM, Tokenizer]:
+    """The model (with a LoRA adapter folded in, then packed, when asked) and its tokenizer."""
+    from midfill.model.quantize import quantize_model
+    from midfill.train.lora import load_adapter, merge_lora
+
     model = model_or_default(model)
-    with err.status(f"loading {model} ..." if quantize is None else f"loading {model} and packing it as {quantize} ..."):
-        net = load_model(model, dtype=dtype, device=device, quantize=quantize)
+    with err.status(f"loading {model} ..."):
+        net = load_model(model, dtype=dtype, device=device, quantize=None if lora else quantize)
+        if lora is not None:
+            if net.weight_format is not None:
+                raise MidfillError(f"{model} is packed ({net.weight_format}); a LoRA adapter folds into a float checkpoint")
+            load_adapter(net, lora)
+            merge_lora(net)
+            if quantize is not None:
+                quantize_model(net, quantize)
         tok = load_tokenizer(tokenizer if tokenizer is not None else net.source)
     if tok.vocab_size > net.config.vocab_size:
         raise MidfillError(

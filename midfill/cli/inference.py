@@ -16,6 +16,7 @@ from midfill.cli.common import (
     CtxOpt,
     DeviceOpt,
     DtypeOpt,
+    LoraOpt,
     MaxTokensOpt,
     ModelOpt,
     QuantizeOpt,
@@ -96,6 +97,7 @@ def complete(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = None,
+    lora: LoraOpt = None,
 ) -> None:
     """Fill in the middle at a cursor and stream the completion to the terminal."""
     if order not in FIM_ORDERS:
@@ -104,7 +106,7 @@ def complete(
         prefix, suffix = cursor_split(file, line, column)
     rules = StopRules.for_mode(mode, cursor_indent(prefix))
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    net, tok = load(model, tokenizer, dtype, device, quantize)
+    net, tok = load(model, tokenizer, dtype, device, quantize, lora)
     budget = prompt_budget(net, ctx, max_tokens)
     prompt = fim_prompt(tok, prefix, suffix, order=order, budget=budget)
     assembler = TextAssembler(tok, rules)
@@ -138,10 +140,11 @@ def chat(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = None,
+    lora: LoraOpt = None,
 ) -> None:
     """Chat with the model: one-shot with --message, otherwise interactively (Ctrl-D or 'exit' ends)."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    net, tok = load(model, tokenizer, dtype, device, quantize)
+    net, tok = load(model, tokenizer, dtype, device, quantize, lora)
     budget = prompt_budget(net, ctx, max_tokens)
     history = [ChatMessage("system", system)] if system else []
     while True:
@@ -203,6 +206,7 @@ def serve(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = None,
+    lora: LoraOpt = None,
 ) -> None:
     """Serve completions and chat over HTTP: OpenAI, Refact and llama.cpp protocols."""
     import uvicorn  # the server stack is imported only when serving: it slows every other command
@@ -213,7 +217,7 @@ def serve(
 
     if fim_order not in FIM_ORDERS:
         raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
-    net, tok = load(model, tokenizer, dtype, device, quantize)
+    net, tok = load(model, tokenizer, dtype, device, quantize, lora)
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
     default_name = "midfill-embedded" if model is None else Path(model).name
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order)
@@ -260,6 +264,12 @@ def info(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            write_bytes_atomic(target / name, (source / name).read_bytes())
+
+
 @app.command()
 @user_errors
 def quantize(
@@ -272,8 +282,6 @@ def quantize(
     with err.status(f"packing {source} as {weights} ..."):
         net = load_model(source, quantize=weights)
         save_model(net, out_dir)
-    for name in TOKENIZER_FILES:
-        if (Path(net.source) / name).is_file():
-            write_bytes_atomic(out_dir / name, (Path(net.source) / name).read_bytes())
+    copy_tokenizer_files(Path(net.source), out_dir)
     size = (out_dir / "model.safetensors").stat().st_size
     out.print(f"{out_dir}: {weights} checkpoint, {size / 2**20:.1f} MiB ({net.num_parameters():,} parameters)")
