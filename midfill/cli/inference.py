@@ -203,6 +203,9 @@ def serve(
     prefix_cache_mb: Annotated[float, typer.Option(min=0, help="Memory for reusable prompt KV.")] = 512.0,
     fim_order: Annotated[str, typer.Option(help="FIM order for prompts built here: spm or psm.")] = "spm",
     name: Annotated[Optional[str], typer.Option(help="Model name clients see (default: the folder's).")] = None,
+    finetune_run: Annotated[
+        Optional[Path], typer.Option(help="A `midfill finetune --out` folder whose progress the web page shows.")
+    ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = None,
@@ -220,11 +223,14 @@ def serve(
     net, tok = load(model, tokenizer, dtype, device, quantize, lora)
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
     default_name = "midfill-embedded" if model is None else Path(model).name
-    settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order)
+    if finetune_run is None and lora is not None and (Path(lora).parent / "progress.json").is_file():
+        finetune_run = Path(lora).parent  # the run that made the adapter
+    settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order,
+                              finetune_run=str(finetune_run) if finetune_run else None)  # fmt: skip
     err.print(
         f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, "
         f"weights {net.weight_format or net.dtype}, {net.device}, "
-        f"context {engine.ctx}) at http://{host}:{port}" + (" with an API key" if api_key else "")
+        f"context {engine.ctx}) at http://{host}:{port} (web page at /)" + (" with an API key" if api_key else "")
     )
     logging.basicConfig(level=logging.INFO, format="midfill: %(message)s")
     uvicorn.run(create_app(engine, tok, settings), host=host, port=port, log_level="warning")

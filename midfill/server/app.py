@@ -12,19 +12,20 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from midfill.engine.scheduler import Engine, QueueFull
 from midfill.errors import MidfillError
-from midfill.server import llamacpp, openai, refact
+from midfill.server import llamacpp, openai, refact, ui
 from midfill.server.bridge import ClientGone
 from midfill.server.metrics import Metrics
 from midfill.server.state import ServerSettings, ServerState, get_state
 from midfill.tokenizer import Tokenizer
 
 log = logging.getLogger("midfill.server")
-PUBLIC_PATHS = {"/health", "/v1/health"}
+PUBLIC_PATHS = {"/health", "/v1/health", "/"}  # and the page's files under /ui
 RETRY_AFTER_S = 1
 
 LLAMACPP_PATHS = ("/infill", "/completion", "/health", "/v1/health")
@@ -149,8 +150,9 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
 
     app = FastAPI(title="midfill", lifespan=lifespan, dependencies=[Depends(require_api_key)])
     app.state.midfill = ServerState(engine, tok, metrics, settings)
-    for router in (openai.router, refact.router, llamacpp.router):
+    for router in (openai.router, refact.router, llamacpp.router, ui.router):
         app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=ui.STATIC), name="ui")
 
     @app.get("/metrics")
     async def prometheus_metrics():

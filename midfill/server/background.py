@@ -30,11 +30,12 @@ def running_server(
     name: str = "tiny",
     api_key: str | None = None,
     max_body_bytes: int = 8 * 2**20,
+    finetune_run: str | None = None,
     **engine_options,
 ) -> Iterator[tuple[str, Engine]]:
     """Yield (base_url, engine) while a uvicorn server runs the app in a background thread."""
     engine = Engine(model, tok, **engine_options)
-    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes)
+    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes, finetune_run=finetune_run)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -19,6 +19,7 @@ class ServerSettings:
     api_key: str | None = None
     fim_order: str = "spm"
     max_body_bytes: int = 8 * 2**20
+    finetune_run: str | None = None  # a `midfill finetune` output folder whose progress the status page shows
     started: int = field(default_factory=lambda: int(time.time()))
 
 

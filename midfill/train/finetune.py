@@ -61,7 +61,7 @@ class FinetuneConfig:
     eval_every: int = 25
     patience: int = 3  # evaluations without a better test loss before stopping
     loss_filter_z: float = 3.5  # robust z-score of a file's base-model loss above which it is rejected
-    exact_match_examples: int = 60
+    exact_match_examples: int = 100
     seed: int = 0
     device: str = "cpu"
 
