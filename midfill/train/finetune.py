@@ -228,7 +228,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Call
         base_loss = test.loss(model)
         base_match = exact_match(model, tok, test, config.block)
         state = {"config": config.to_dict(), "step": 0, "best": (math.inf, None), "bad_evals": 0,
-                 "base": {"test_loss": base_loss, "exact_match": base_match}}  # fmt: skip
+                 "base": {"test_loss": base_loss, "exact_match": base_match}, "last_test": base_loss}  # fmt: skip
         with open(out / "metrics.jsonl", "w") as f:
             f.write(json.dumps({"step": 0, "val_loss": base_loss}) + "\n")
     lora = LoraConfig(config.r, config.alpha, config.dropout)
@@ -268,7 +268,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Call
             f.write(json.dumps({"step": step, **numbers}) + "\n")
         if step % config.eval_every == 0 or step == total:
             test_loss = test.loss(model)
-            numbers["test_loss"] = test_loss
+            numbers["test_loss"] = state["last_test"] = test_loss
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "val_loss": test_loss}) + "\n")
             checkpoint = out / "checkpoints" / f"step-{step:06d}-loss-{test_loss:.4f}"
@@ -285,6 +285,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Call
                 total = step
         elapsed = time.perf_counter() - started
         write_json(out / "progress.json", {"state": "running", "step": step, "total": total, **numbers,
+                                           "test_loss": state["last_test"],
                                            "eta_s": elapsed / max(step - first_step, 1) * (total - step)})  # fmt: skip
         if progress is not None:
             progress(step, total, numbers)
