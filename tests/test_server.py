@@ -236,14 +236,17 @@ def test_keystroke_reuses_the_cached_prefix(server, small_tokenizer):
 
 
 def slow(model, seconds: float):
-    """The same model, slowed down per forward pass, so that a test can act mid-generation."""
-    forward = model.forward
+    """The same model, slowed down per forward pass or decode step, so that a test can act mid-generation.
+
+    The head runs once in both (the lean decode step calls it directly), so that is where to wait.
+    """
+    forward = model.lm_head.forward
 
     def slowed(*args, **kwargs):
         time.sleep(seconds)
         return forward(*args, **kwargs)
 
-    model.forward = slowed
+    model.lm_head.forward = slowed
     return model
 
 
