@@ -70,6 +70,16 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
+# Middles that end where a line ends (the rest of a line, a whole line, a few lines), as an editor's
+# completions do and as the card's finetune data is cut; random character spans would teach the
+# adapter to stop anywhere.
+LINE_SPLITTERS = {"rest_of_line": 0.4, "line": 0.3, "lines": 0.3}
+
+
+def fim_config(config: "FinetuneConfig") -> FimConfig:
+    return FimConfig(fim_rate=config.fim_rate, spm_rate=config.spm_rate, splitters=dict(LINE_SPLITTERS))
+
+
 def chunks_of(text: str, max_chars: int) -> list[str]:
     """Consecutive runs of whole lines, each at most max_chars long (a longer line is cut)."""
     out, current = [], ""
@@ -164,7 +174,7 @@ class TestSet:
 
 def make_test_set(tok: Tokenizer, docs: list[Document], config: FinetuneConfig, device: torch.device) -> TestSet:
     rng = random.Random(config.seed + 1)
-    fim = FimConfig(fim_rate=config.fim_rate, spm_rate=config.spm_rate)
+    fim = fim_config(config)
     texts = [c for d in docs for c in chunks_of(d.text, config.block * 3)]
     batches = [batch_tensors(tok, texts[i : i + config.batch_size], rng, fim, config.block, device)
                for i in range(0, len(texts), config.batch_size)]  # fmt: skip
@@ -256,7 +266,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Call
         optimizer.load_state_dict(state["optimizer"])
         log(f"resuming at step {state['step']} of {total}")
 
-    fim = FimConfig(fim_rate=config.fim_rate, spm_rate=config.spm_rate)
+    fim = fim_config(config)
     step, started = state["step"], time.perf_counter()
     first_step = step
     while step < total and (until_step is None or step < until_step):
