@@ -35,6 +35,7 @@ from midfill.model.checkpoint import load_model
 from midfill.tokenizer import Tokenizer, load_tokenizer
 from midfill.train.lora import LoraConfig, adapter_state, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from midfill.train.plot import plot_losses
+from midfill.train.schedule import warmup_cosine
 
 Progress = Callable[[int, int, dict], None]  # (step, total steps, latest numbers)
 
@@ -189,13 +190,6 @@ def exact_match(model: GPTRefactForCausalLM, tok: Tokenizer, test: TestSet, bloc
     return sum(hits) / max(len(hits), 1)
 
 
-def learning_rate(config: FinetuneConfig, step: int, total: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(total - config.warmup_steps, 1)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def write_json(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
@@ -279,7 +273,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Call
         inputs, targets = batch_tensors(tok, picked, rng, fim, config.block, device)
         model.train()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step, total)
+            group["lr"] = warmup_cosine(step, total, config.lr, 0.1 * config.lr, config.warmup_steps)
         loss = masked_loss(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -7,13 +7,16 @@ import math
 from midfill.train.config import TrainConfig
 
 
+def warmup_cosine(step: int, total: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at step `total`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(config.steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
-    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+    return warmup_cosine(step, config.steps, config.lr, config.min_lr, config.warmup_steps)
 
 
 def early_dropout(config: TrainConfig, step: int) -> float:
