@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import random
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from midfill.data.documents import Document
 from midfill.data.fim_synth import SynthConfig, example_empty, example_multi, example_single, example_tokens
 from midfill.data.finetune_mix import MixConfig, build_finetune_mix
-from midfill.data.instructions import instruction_pairs, pair_tokens
+from midfill.data.instructions import instruction_pairs, pair_tokens, source_lines, source_segment
 from midfill.data.packing import TokenShards
 from midfill.engine.stops import indent_of
 from midfill.prompts import ChatMessage, chat_prompt
@@ -105,6 +106,19 @@ def test_instruction_pairs_from_documented_functions(small_tokenizer):
     assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
     assert ids[-1] == small_tokenizer.eot_id
     assert list(instruction_pairs("def broken(:\n")) == []
+
+
+def test_source_segments_equal_ast_ones():
+    """Sliced from lines split once (ast re-splits the file per call), the same text, CRLF, tabs and non-ASCII included."""
+    texts = TEXTS[:10] + ["class A:\r\n\tdef f(self):\r\n\t\treturn 'é'  # ü\r\n\r\n\tdef g(self): return 1\r\n"]
+    checked = 0
+    for text in texts:
+        lines = source_lines(text)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                assert source_segment(lines, node) == ast.get_source_segment(text, node, padded=True)
+                checked += 1
+    assert checked > 50
 
 
 def test_the_mix_has_the_asked_ratio(small_tokenizer, tmp_path):

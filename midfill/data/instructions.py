@@ -46,19 +46,42 @@ def without_docstring(source: str, node: ast.FunctionDef | ast.AsyncFunctionDef)
     return "\n".join(lines[:first] + lines[last + 1 :])
 
 
+def source_lines(text: str) -> list[str]:
+    """The lines as ast numbers them (split at \\r\\n, \\r and \\n only), ends kept."""
+    return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", text)
+
+
+def source_segment(lines: list[str], node: ast.AST) -> str | None:
+    """What ast.get_source_segment(text, node, padded=True) gives, from lines split once: calling it
+    per function re-splits the whole file each time, which is quadratic in a large test module."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if last >= len(lines):
+        return None
+    body = [line.encode() for line in lines[first : last + 1]]
+    body[-1] = body[-1][: node.end_col_offset]
+    if first == last:
+        return body[0][node.col_offset :].decode(errors="replace")
+    indent = body[0][: node.col_offset].decode(errors="replace")
+    body[0] = "".join(c if c in "\f\t" else " " for c in indent).encode() + body[0][node.col_offset :]
+    return b"".join(body).decode(errors="replace")
+
+
 def instruction_pairs(text: str) -> Iterator[InstructionPair]:
     """Pairs from the documented public functions and methods of one Python file."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return
+    lines = source_lines(text)
     for node in ast.walk(tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("_"):
             continue
         docstring = ast.get_docstring(node)
         summary = summary_of(docstring) if docstring else None
-        segment = ast.get_source_segment(text, node, padded=True)
-        if summary is None or segment is None or not MIN_LINES <= segment.count("\n") + 1 <= MAX_LINES:
+        if summary is None:
+            continue
+        segment = source_segment(lines, node)
+        if segment is None or not MIN_LINES <= segment.count("\n") + 1 <= MAX_LINES:
             continue
         source = textwrap.dedent(segment)
         bare = without_docstring(source, node)
