@@ -57,10 +57,10 @@ it completes Python in the style of the standard library, it is not a general as
 
 ## Data
 
-The Python {platform.python_version()} standard library's `.py` sources (PSF License 2.0), without
-its test suites, passed through `midfill data build` (filters, exact and MinHash dedup): {pre_data['stages']['filter']['docs_in']:,}
+The Python {platform.python_version()} standard library's `.py` sources and test suites (PSF License 2.0),
+passed through `midfill data build` (filters, exact and MinHash dedup): {pre_data['stages']['filter']['docs_in']:,}
 files in, {pre_data['stages']['dedup']['docs_out']:,} kept, {sum(s['tokens'] for s in pre_data['splits']['train']):,} training tokens.
-Held out for evaluation, never trained on: {', '.join(f'`{h}`' for h in held_out)}.
+Held out for evaluation, never trained on, and their tests left out too: {', '.join(f'`{h}`' for h in held_out)}.
 
 ## Training
 
@@ -89,5 +89,5 @@ other three let only the model's own <|endoftext|> end a completion (at most 96 
 ## Licence
 
 Training data: Python standard library, PSF License 2.0. Weights: Apache-2.0, like midfill.
-Reproduce with `midfill recipe embedded --out DIR` (resumable; about an hour on 2 CPU cores).
+Reproduce with `midfill recipe embedded --out DIR` (resumable; training and evaluation took 215 s on one H200 GPU; on 2 CPU cores, most of a day).
 """

@@ -1,7 +1,8 @@
 """`midfill recipe embedded`: the whole pipeline that makes the model shipped inside midfill.
 
-Data: the Python standard library's own sources (PSF licence), present on every machine, minus
-its test suites and minus HELD_OUT modules, which are kept for evaluation. Steps, each skipped
+Data: the Python standard library's own sources and test suites (PSF licence), present on every
+machine, minus the HELD_OUT modules, which are kept for evaluation, and minus their tests (which
+would show the model the held-out code's behaviour). Steps, each skipped
 when its output exists and each resumable: corpus -> tokenizer -> data build -> pretraining ->
 finetune mix (85% synthetic FIM, 15% instructions) -> finetune -> evaluation before and after ->
 a bf16 export. Everything is seeded; rerunning the command continues where it stopped.
@@ -31,9 +32,10 @@ from midfill.train.trainer import train
 # Modules the embedded model never trains on: its evaluation set.
 HELD_OUT = ("bisect.py", "calendar.py", "colorsys.py", "difflib.py", "fnmatch.py", "fractions.py", "glob.py",
             "heapq.py", "shlex.py", "statistics.py", "textwrap.py", "json/")  # fmt: skip
-SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+HELD_OUT_NAMES = {h.rstrip("/").removesuffix(".py") for h in HELD_OUT}
+SKIP_PARTS = {"site-packages", "__pycache__", "dist-packages"}
 VOCAB_SIZE = 8192
-SHAPE = dict(n_embd=256, n_layer=6, n_head=8, n_positions=1024)
+SHAPE = dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024)
 SEED = 1234
 
 
@@ -45,12 +47,20 @@ def is_held_out(relative: str) -> bool:
     return any(relative == h or relative.startswith(h) for h in HELD_OUT)
 
 
+def tests_held_out_module(relative: str) -> bool:
+    """test_json/..., test_glob.py: a test of a held-out module."""
+    return any(part.removesuffix(".py").removeprefix("test_") in HELD_OUT_NAMES
+               for part in relative.split("/") if part.startswith("test_"))  # fmt: skip
+
+
 def stdlib_documents(held_out: bool) -> Iterator[Document]:
     """The standard library's .py files (training part, or the held-out modules)."""
     root = stdlib_root()
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root).as_posix()
         if SKIP_PARTS & set(relative.split("/")[:-1]) or is_held_out(relative) != held_out:
+            continue
+        if tests_held_out_module(relative):
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         yield Document(text=text, path=relative, lang="python", license="psf-2.0", source="python-stdlib")
@@ -66,9 +76,9 @@ def write_corpus(path: Path, held_out: bool) -> Path:
 def pretrain_config(out: Path) -> TrainConfig:
     return TrainConfig(
         data=str(out / "pretrain-data"), out_dir=str(out / "pretrain"), preset="tiny", model=SHAPE, seed=SEED,
-        steps=1000, micro_batch=8, grad_accum=1, block_size=512, optimizer="lion", lr=1e-3, min_lr=1e-4,
-        warmup_steps=60, weight_decay=0.1, early_dropout=0.1, early_dropout_fraction=0.1, eval_every=100,
-        eval_batches=4, checkpoint_every=25,
+        steps=2500, micro_batch=32, grad_accum=1, block_size=512, optimizer="lion", lr=6e-4, min_lr=6e-5,
+        warmup_steps=150, weight_decay=0.1, early_dropout=0.1, early_dropout_fraction=0.1, eval_every=250,
+        eval_batches=8, checkpoint_every=250,
     )
 
 
@@ -92,9 +102,9 @@ def prepare_pretraining(out: Path, log: Callable[[str], None] = print) -> TrainC
 def finetune_config(out: Path) -> TrainConfig:
     return TrainConfig(
         data=str(out / "finetune-data"), out_dir=str(out / "finetune"), preset="tiny", model=SHAPE, seed=SEED,
-        init_from=str(out / "pretrain" / "model"), steps=200, micro_batch=8, grad_accum=1, block_size=512,
-        optimizer="lion", lr=3e-4, min_lr=3e-5, warmup_steps=20, weight_decay=0.1, early_dropout=0.0,
-        eval_every=50, eval_batches=4, checkpoint_every=25,
+        init_from=str(out / "pretrain" / "model"), steps=600, micro_batch=32, grad_accum=1, block_size=512,
+        optimizer="lion", lr=2e-4, min_lr=2e-5, warmup_steps=40, weight_decay=0.1, early_dropout=0.0,
+        eval_every=100, eval_batches=8, checkpoint_every=100,
     )
 
 
@@ -106,7 +116,7 @@ def prepare_finetuning(out: Path, log: Callable[[str], None] = print) -> TrainCo
                 for line in (out / "corpus-train.jsonl").read_text(encoding="utf-8").splitlines()]
         docs = [d for d in docs if reject_reason(d, FilterConfig()) is None]
         tok = load_tokenizer(out / "tokenizer.json")
-        build_finetune_mix(docs, tok, out / "tokenizer.json", out / "finetune-data", MixConfig(examples=6000, seed=SEED))
+        build_finetune_mix(docs, tok, out / "tokenizer.json", out / "finetune-data", MixConfig(examples=20000, seed=SEED))
     return finetune_config(out)
 
 
