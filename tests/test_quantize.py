@@ -11,7 +11,7 @@ from midfill.kernels import native
 from midfill.model import KVCache
 from midfill.model.checkpoint import load_model, save_model
 from midfill.model.decode_step import decode_one, native_blocks
-from midfill.model.quantize import FORMATS, GROUP, PackedLinear, pack_int4, quantize_model, round_int4
+from midfill.model.quantize import FORMATS, GROUP, PackedLinear, layer_format, pack_int4, quantize_model, round_int4
 
 from .helpers import tiny_model
 
@@ -19,8 +19,8 @@ needs_native = pytest.mark.skipif(not native.available(), reason="native kernels
 
 
 def attention_model(seed: int = 0):
-    """Head size 32, so the native attention and block kernels apply."""
-    return tiny_model(seed, n_embd=128, n_head=4)
+    """Head size 32, so the native attention and block kernels apply; int4 keeps blocks 0-1 in int8, block 2 is int4."""
+    return tiny_model(seed, n_embd=128, n_head=4, n_layer=3)
 
 
 @needs_native
@@ -73,15 +73,25 @@ def test_int4_refit_is_never_worse_than_min_max():
 
 
 def test_quantize_model_keeps_packed_dtypes_and_widens_sensitive_layers():
-    model = quantize_model(tiny_model().to(torch.bfloat16), "int4")
-    attn = model.transformer.h[0].attn
+    model = quantize_model(tiny_model(n_layer=3).to(torch.bfloat16), "int4")
+    attn = model.transformer.h[2].attn
     assert attn.q.weight.dtype == torch.uint8 and attn.q.scale.dtype == torch.float16
     assert attn.kv.fmt == "int8" and model.lm_head.fmt == "int8"
+    assert {layer.fmt for block in model.transformer.h[:2] for layer in [block.attn.q, block.mlp.c_proj]} == {"int8"}
     assert model.dtype == torch.float32 and model.transformer.wte.weight.dtype == torch.float32
     bf16 = quantize_model(tiny_model(), "bf16")
     assert bf16.lm_head.weight.dtype == torch.bfloat16
-    assert quantize_model(tiny_model(), "int8").lm_head.fmt == "bf16"
-    assert model.num_parameters() == tiny_model().num_parameters()
+    int8 = quantize_model(tiny_model(), "int8")
+    assert int8.lm_head.fmt == "bf16" and int8.transformer.h[0].mlp.c_proj.fmt == "bf16"
+    assert int8.transformer.h[1].mlp.c_proj.fmt == "int8"
+    assert model.num_parameters() == tiny_model(n_layer=3).num_parameters()
+
+
+def test_wider_layers_match_whole_names():
+    assert layer_format("int4", "transformer.h.1.mlp.gate_up_proj") == "int8"
+    assert layer_format("int4", "transformer.h.11.mlp.gate_up_proj") == "int4"  # not block 1
+    assert layer_format("int4", "transformer.h.20.attn.kv") == "int8"
+    assert layer_format("int8", "transformer.h.10.attn.q") == "int8"
 
 
 def test_packed_checkpoint_reloads_without_quantizing_again(tmp_path):
