@@ -34,16 +34,23 @@ def mean(values: list) -> float:
     return sum(values) / max(len(values), 1)
 
 
+def sample_examples(texts: list[str], make, count: int, rng: random.Random) -> list[FimExample]:
+    """Up to `count` examples cut by make(text, rng) from texts drawn at random (fewer only if the
+    texts offer almost none: the tries are bounded, so text without a usable line cannot hang it)."""
+    out: list[FimExample] = []
+    for _ in range(50 * count if texts else 0):
+        if len(out) >= count:
+            break
+        example = make(rng.choice(texts), rng)
+        if example is not None:
+            out.append(example)
+    return out
+
+
 def held_out_examples(texts: list[str], per_kind: int, seed: int = 0, max_middle_lines: int = 12) -> dict[str, list[FimExample]]:
     rng = random.Random(seed)
     makers = {"single": example_single, "multi": lambda t, r: example_multi(t, r, max_middle_lines), "empty": example_empty}
-    out: dict[str, list[FimExample]] = {kind: [] for kind in makers}
-    for kind, make in makers.items():
-        while len(out[kind]) < per_kind:
-            example = make(rng.choice(texts), rng)
-            if example is not None:
-                out[kind].append(example)
-    return out
+    return {kind: sample_examples(texts, make, per_kind, rng) for kind, make in makers.items()}
 
 
 def complete(model: GPTRefactForCausalLM, tok: Tokenizer, example: FimExample, rules: StopRules, budget: int, max_new: int) -> str:

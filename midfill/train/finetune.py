@@ -28,7 +28,7 @@ from midfill.data.fim_synth import FimExample, SynthConfig, example_single, exam
 from midfill.data.repo import collect, split_test_files
 from midfill.engine import StopRules
 from midfill.errors import MidfillError
-from midfill.eval.stopping import complete
+from midfill.eval.stopping import complete, sample_examples
 from midfill.files import atomic_path, write_text_atomic
 from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model
@@ -179,16 +179,6 @@ def line_examples(texts: list[str], count: int, seed: int) -> list[FimExample]:
     return examples
 
 
-def rest_of_line_examples(texts: list[str], count: int, seed: int) -> list[FimExample]:
-    """The rest of a line from a random column inside it, as an editor meets them mid-line."""
-    rng, examples = random.Random(seed), []
-    while texts and len(examples) < count:
-        example = example_single(rng.choice(texts), rng)
-        if example is not None:
-            examples.append(example)
-    return examples
-
-
 @dataclass
 class TestSet:
     batches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -208,7 +198,7 @@ def make_test_set(tok: Tokenizer, docs: list[Document], config: FinetuneConfig, 
                for i in range(0, len(texts), config.batch_size)]  # fmt: skip
     files = [d.text for d in docs]
     return TestSet(batches, {"whole line": line_examples(files, config.exact_match_examples, config.seed),
-                             "rest of line": rest_of_line_examples(files, config.exact_match_examples, config.seed)})  # fmt: skip
+                             "rest of line": sample_examples(files, example_single, config.exact_match_examples, random.Random(config.seed))})  # fmt: skip
 
 
 def exact_match(model: GPTRefactForCausalLM, tok: Tokenizer, test: TestSet, block: int) -> dict[str, float]:
