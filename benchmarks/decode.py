@@ -4,7 +4,7 @@
 
 Builds a random-weight model with the real 1.6B config in memory (no download; speed does not
 depend on the values), then per format, each in its own process so peak RSS is its own:
-- read bandwidth: a 1 GiB buffer read by midfill's native read loop and by torch's sum (the better
+- read bandwidth: a 1 GiB buffer on huge pages (as the packed weights are) read by midfill's native read loop and by torch's sum (the better
   of the two), measured between slices of the decode, so the bound and the speed share one run;
 - time to first token and prefill tokens/s on a --prompt-token prompt (chunked prefill);
 - decode tokens/s over --new tokens, through the engine's own decode loop (midfill.engine);
@@ -27,9 +27,10 @@ import torch
 from midfill.engine import Sampler, SamplingParams
 from midfill.engine.decode import decode_steps
 from midfill.kernels import native
+from midfill.kernels.huge_pages import huge_page_bytes
 from midfill.model import GPTRefactForCausalLM, RefactConfig
 from midfill.model.alibi import alibi_slopes
-from midfill.model.quantize import PackedLinear, empty_packed, linear_layers, weight_bytes_per_token
+from midfill.model.quantize import PackedLinear, empty_packed, linear_layers, place_on_huge_pages, weight_bytes_per_token
 
 BANDWIDTH_BYTES = 1 << 30
 
@@ -58,6 +59,7 @@ def build(fmt: str, n_layer: int | None) -> GPTRefactForCausalLM:
         for _, _, _, layer in linear_layers(model):
             if isinstance(layer, PackedLinear):
                 random_packed(layer)
+    place_on_huge_pages(model)
     model.alibi_slopes = alibi_slopes(config.n_head)
     return model.eval()
 
@@ -66,7 +68,7 @@ class Bandwidth:
     """Read bandwidth of a buffer far larger than the caches, through every reader on offer."""
 
     def __init__(self) -> None:
-        self.buffer = torch.ones(BANDWIDTH_BYTES // 4)
+        self.buffer = huge_page_bytes(BANDWIDTH_BYTES).view(torch.float32).fill_(1.0)  # on 2 MiB pages, like the weights
         self.readers = [lambda: float(self.buffer.sum())]
         if native.available():
             self.readers.append(lambda: native.read_bandwidth(self.buffer))

@@ -8,10 +8,20 @@ import torch.nn.functional as F
 
 from midfill.errors import MidfillError
 from midfill.kernels import native
+from midfill.kernels.huge_pages import HUGE_PAGE
 from midfill.model import KVCache
 from midfill.model.checkpoint import load_model, save_model
 from midfill.model.decode_step import decode_one, native_blocks
-from midfill.model.quantize import FORMATS, GROUP, PackedLinear, layer_format, pack_int4, quantize_model, round_int4
+from midfill.model.quantize import (
+    FORMATS,
+    GROUP,
+    PackedLinear,
+    layer_format,
+    linear_layers,
+    pack_int4,
+    quantize_model,
+    round_int4,
+)
 
 from .helpers import tiny_model
 
@@ -85,6 +95,17 @@ def test_quantize_model_keeps_packed_dtypes_and_widens_sensitive_layers():
     assert int8.lm_head.fmt == "bf16" and int8.transformer.h[0].mlp.c_proj.fmt == "bf16"
     assert int8.transformer.h[1].mlp.c_proj.fmt == "int8"
     assert model.num_parameters() == tiny_model(n_layer=3).num_parameters()
+
+
+def test_packed_weights_lie_end_to_end_on_one_huge_page_aligned_block(tmp_path):
+    reference = {name: t.clone() for name, t in quantize_model(tiny_model(), "int8").state_dict().items()}
+    for model in (quantize_model(tiny_model(), "int8"), load_model(save_model(quantize_model(tiny_model(), "int8"), tmp_path))):
+        packed = [t for *_, layer in linear_layers(model) if isinstance(layer, PackedLinear) for t in layer.buffers()]
+        assert len({t.untyped_storage().data_ptr() for t in packed}) == 1
+        addresses = [t.data_ptr() for t in packed]
+        assert addresses == sorted(addresses) and addresses[0] % HUGE_PAGE == 0  # in the order a token reads them
+        assert all(a % 64 == 0 for a in addresses)
+        assert all(torch.equal(t, reference[name]) for name, t in model.state_dict().items())
 
 
 def test_wider_layers_match_whole_names():

@@ -19,7 +19,7 @@ from midfill.files import atomic_path
 from midfill.hub import resolve_model_dir
 from midfill.model.alibi import alibi_slopes
 from midfill.model.config import RefactConfig
-from midfill.model.quantize import PackedLinear, check_format, empty_packed, quantize_model
+from midfill.model.quantize import PackedLinear, check_format, empty_packed, place_on_huge_pages, quantize_model
 from midfill.model.refact import GPTRefactForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,7 +160,9 @@ def load_model(
                   for name, _ in layer.named_buffers()}
         state = {name: t if name in packed else t.float() for name, t in state.items()}
     model.load_state_dict(state, assign=True)
-    if stored is None and quantize is not None:
+    if stored is not None:
+        place_on_huge_pages(model)
+    elif quantize is not None:
         quantize_model(model, quantize)
     model.alibi_slopes = alibi_slopes(config.n_head).to(torch_device)
     model.source = str(folder)
