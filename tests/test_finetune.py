@@ -133,9 +133,12 @@ def test_junk_only_repository_ends_with_a_clear_message(tiny_model_dir, tmp_path
 
 def test_cli_finetune_merge_and_serve_the_adapter(tiny_model_dir, code_corpus, tmp_path):
     result = runner.invoke(app, ["finetune", str(code_corpus), "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"),
-                                 "--max-steps", "4", "--eval-every", "2", "--block", "64", "--r", "4", "--test-files", "1"])  # fmt: skip
+                                 "--max-steps", "4", "--eval-every", "2", "--block", "64", "--r", "4", "--test-files", "1",
+                                 "--patience", "5", "--middle-only"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "rejected: minified" in result.stderr and "| finetuned" in result.stdout
+    settings = torch.load(tmp_path / "run" / "state.pt", weights_only=False)["config"]
+    assert settings["patience"] == 5 and settings["middle_only_loss"] is True and settings["r"] == 4
     adapter = tmp_path / "run" / "adapter"
     merged_dir = tmp_path / "merged"
     result = runner.invoke(app, ["lora", "merge", "--model", str(tiny_model_dir), "--lora", str(adapter), "--out", str(merged_dir)])

@@ -47,6 +47,9 @@ def finetune(
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 4,
     block: Annotated[int, typer.Option(min=32, help="Tokens per example.")] = 512,
     eval_every: Annotated[int, typer.Option(min=1, help="Steps between test-loss checks (and checkpoints).")] = 25,
+    patience: Annotated[int, typer.Option(min=1, help="Stop after this many test-loss checks without a new best.")] = 3,
+    exact_match_examples: Annotated[int, typer.Option(min=1, help="Held-out examples per kind for the exact-match report.")] = 100,
+    middle_only: Annotated[bool, typer.Option(help="FIM examples teach only their middle (default: every token).")] = False,
     test_files: Annotated[Optional[int], typer.Option(min=1, help="Files held out (default: ~10%, 1 to 5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, FIM cuts and order.")] = 0,
     device: DeviceOpt = "cpu",
@@ -58,7 +61,8 @@ def finetune(
     config = FinetuneConfig(
         repos=[str(r) for r in repos], out=str(out_dir), model=model_or_default(model), include=include or [],
         exclude=exclude or [], r=rank, alpha=alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        block=block, eval_every=eval_every, test_files=test_files, seed=seed, device=device,
+        block=block, eval_every=eval_every, patience=patience, middle_only_loss=middle_only,
+        exact_match_examples=exact_match_examples, test_files=test_files, seed=seed, device=device,
     )  # fmt: skip
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[numbers]}")]  # fmt: skip
