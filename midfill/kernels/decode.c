@@ -211,9 +211,43 @@ ALWAYS_INLINE void row_int4(const Rows *rows, const uint8_t *w, const uint16_t *
         default: CALL(4); break;        \
     }
 
+/* One activation row against two weight rows far apart (n and n + N/2): each thread then reads two
+ * streams at once, which keeps more of its loads in flight than one stream does. Measured here on
+ * the 1.6B shapes: ~0.99 of the read bandwidth against ~0.86 for one row at a time (rows side by
+ * side give no gain: it is the second stream, not the shared activation loads). */
+static void pair_bf16(const float *x, const uint16_t *wa, const uint16_t *wb, float *ya, float *yb, int64_t K) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int64_t k = 0; k < K; k += 32) {
+        _mm_prefetch((const char *)(wa + k) + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(wb + k) + PREFETCH, _MM_HINT_T0);
+        __m256i va0 = _mm256_loadu_si256((const __m256i *)(wa + k)), va1 = _mm256_loadu_si256((const __m256i *)(wa + k + 16));
+        __m256i vb0 = _mm256_loadu_si256((const __m256i *)(wb + k)), vb1 = _mm256_loadu_si256((const __m256i *)(wb + k + 16));
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8), x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(va0, 16)), x0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(va0, high)), x1, a1);
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(va1, 16)), x2, a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(va1, high)), x3, a1);
+        b0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(vb0, 16)), x0, b0);
+        b1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(vb0, high)), x1, b1);
+        b0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(vb1, 16)), x2, b0);
+        b1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(vb1, high)), x3, b1);
+    }
+    *ya = hsum(_mm256_add_ps(a0, a1));
+    *yb = hsum(_mm256_add_ps(b0, b1));
+}
+
 int midfill_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
     float *split = split_even_odd(x, M, K);
     if (!split) return -1;
+    if (M == 1) {
+        const int64_t half = N / 2;
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < half; n++) pair_bf16(split, w + n * K, w + (n + half) * K, y + n, y + n + half, K);
+        if (N % 2) row_bf16(split, w + (N - 1) * K, y, N - 1, N, K, 1);
+        free(split);
+        return 0;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
 #define CALL(R) row_bf16(split, w + n * K, y, n, N, K, R)
@@ -224,9 +258,40 @@ int midfill_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, 
     return 0;
 }
 
+/* As pair_bf16: one activation row, two int8 weight rows far apart, two streams per thread. */
+static void pair_int8(const Rows *rows, const int8_t *wa, const int8_t *wb, float sa, float sb, float *ya, float *yb, int64_t K) {
+    __m256 ta = _mm256_setzero_ps(), tb = ta;
+    for (int64_t start = 0; start < K; start += BLOCK) {
+        const int64_t stop = start + BLOCK < K ? start + BLOCK : K;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
+        for (int64_t k = start; k < stop; k += 32) {
+            _mm_prefetch((const char *)(wa + k) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + k) + PREFETCH, _MM_HINT_T0);
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(rows->q + k)), x1 = _mm256_loadu_si256((const __m256i *)(rows->q + k + 16));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wa + k))), x0));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wa + k + 16))), x1));
+            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + k))), x0));
+            b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + k + 16))), x1));
+        }
+        ta = _mm256_add_ps(ta, _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)));
+        tb = _mm256_add_ps(tb, _mm256_cvtepi32_ps(_mm256_add_epi32(b0, b1)));
+    }
+    *ya = sa * rows->scale[0] * hsum(ta);
+    *yb = sb * rows->scale[0] * hsum(tb);
+}
+
 int midfill_linear_int8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K) {
     Rows rows;
     if (quantize_rows(x, M, K, &rows)) return free_rows(&rows), -1;
+    if (M == 1) {
+        const int64_t half = N / 2;
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < half; n++)
+            pair_int8(&rows, w + n * K, w + (n + half) * K, scale[n], scale[n + half], y + n, y + n + half, K);
+        if (N % 2) row_int8(&rows, w + (N - 1) * K, scale[N - 1], y, N - 1, N, K, 1);
+        free_rows(&rows);
+        return 0;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
 #define CALL(R) row_int8(&rows, w + n * K, scale[n], y, n, N, K, R)
