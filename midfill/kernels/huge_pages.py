@@ -2,7 +2,7 @@
 
 A token reads every weight once. On ordinary 4 KiB pages that stream needs a new address
 translation every 4 KiB, and the page walks cost bandwidth; Linux backs memory with 2 MiB
-"transparent huge pages" only where it was asked to with madvise (its default setting). Measured
+"transparent huge pages" only where it was asked to with madvise (the usual default, "madvise"). Measured
 on this repo's CPU (Refact-1.6B shape, bf16, benchmarks/RESULTS.md): the decoder blocks stream at
 about 0.78 of the read bandwidth on 4 KiB pages and 0.83 on 2 MiB pages.
 """
@@ -69,7 +69,9 @@ def move_to_huge_pages(buffers: list[tuple[nn.Module, str]]) -> None:
 
 def _release_freed_memory() -> None:
     """Hand the heap pages the old buffers left free back to the OS (glibc keeps them otherwise)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
