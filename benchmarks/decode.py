@@ -4,8 +4,9 @@
 
 Builds a random-weight model with the real 1.6B config in memory (no download; speed does not
 depend on the values), then per format, each in its own process so peak RSS is its own:
-- read bandwidth: a 1 GiB buffer on huge pages (as the packed weights are) read by midfill's native read loop and by torch's sum (the better
-  of the two), measured between slices of the decode, so the bound and the speed share one run;
+- read bandwidth: a 1 GiB buffer on huge pages (as the packed weights are) read by midfill's native
+  read loop and by torch's sum (the better of the two), measured between slices of the decode, so
+  the bound and the speed share one run;
 - time to first token and prefill tokens/s on a --prompt-token prompt (chunked prefill);
 - decode tokens/s over --new tokens, through the engine's own decode loop (midfill.engine);
 - the bound: bandwidth / bytes of weights read per token, and decode speed as a fraction of it
