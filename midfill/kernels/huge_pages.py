@@ -3,8 +3,8 @@
 A token reads every weight once. On ordinary 4 KiB pages that stream needs a new address
 translation every 4 KiB, and the page walks cost bandwidth; Linux backs memory with 2 MiB
 "transparent huge pages" only where it was asked to with madvise (under the usual setting,
-"madvise"). Measured on this repo's CPU (Refact-1.6B shape, bf16, benchmarks/RESULTS.md): the decoder blocks stream at
-about 0.78 of the read bandwidth on 4 KiB pages and 0.83 on 2 MiB pages.
+"madvise"). Measured on this repo's CPU (Refact-1.6B shape, bf16, benchmarks/RESULTS.md): the
+decoder blocks stream at about 0.78 of the read bandwidth on 4 KiB pages and 0.83 on 2 MiB pages.
 """
 
 from __future__ import annotations
