@@ -4,7 +4,9 @@
  * speed at which weights stream from memory. These loops read each weight byte once for up to
  * MAX_ROWS activation rows and widens it in registers (AVX2): bf16 to float32 for FMA; int8 and int4
  * to int16 for vpmaddwd against activations rounded to int16 (see quantize_rows). The output rows are
- * split across the OpenMP threads of the process (torch's own runtime, when torch loaded it first). midfill builds this file on first use; midfill/model/packed_linear.py holds the
+ * split across the OpenMP threads of the process (torch's own runtime, when torch loaded it first);
+ * with one activation row, bf16 and int8 weight rows go in far-apart pairs (pair_bf16, pair_int8).
+ * midfill builds this file on first use; PackedLinear.unpack (midfill/model/quantize.py) is the
  * pure-torch reference that tests compare it with.
  *
  * Layouts (row n of W is output feature n; K is a multiple of 32):
