@@ -34,6 +34,8 @@ def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: T
     pre_data = json.loads((out / "pretrain-data" / "manifest.json").read_text())
     fine_data = json.loads((out / "finetune-data" / "manifest.json").read_text())
     pre_run, fine_run = run_summary(out / "pretrain"), run_summary(out / "finetune")
+    source = out / "corpus-source.json"  # older recipe folders lack it: then this Python's version
+    python = json.loads(source.read_text())["python"] if source.exists() else platform.python_version()
     rows = "\n".join(
         f"| {label} | {fmt.format(report['pretrain'][key])} | {fmt.format(report['finetune'][key])} |" for key, label, fmt in METRICS
     )
@@ -57,7 +59,7 @@ it completes Python in the style of the standard library, it is not a general as
 
 ## Data
 
-The Python {platform.python_version()} standard library's `.py` sources and test suites (PSF License 2.0),
+The Python {python} standard library's `.py` sources and test suites (PSF License 2.0),
 passed through `midfill data build` (filters, exact and MinHash dedup): {pre_data['stages']['filter']['docs_in']:,}
 files in, {pre_data['stages']['dedup']['docs_out']:,} kept, {sum(s['tokens'] for s in pre_data['splits']['train']):,} training tokens.
 Held out for evaluation, never trained on, and their tests left out too: {', '.join(f'`{h}`' for h in held_out)}.

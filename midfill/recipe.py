@@ -11,6 +11,7 @@ a bf16 export. Everything is seeded; rerunning the command continues where it st
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -67,6 +68,11 @@ def stdlib_documents(held_out: bool) -> Iterator[Document]:
 
 
 def write_corpus(path: Path, held_out: bool) -> Path:
+    """The corpus as JSON lines, beside a record of the Python whose standard library it is (the
+    model card names that one, not whichever Python exports the model later)."""
+    source = path.with_name("corpus-source.json")
+    if not source.exists():
+        write_text_atomic(source, json.dumps({"python": platform.python_version()}) + "\n")
     if not path.exists():
         write_text_atomic(path, "".join(json.dumps({"content": d.text, "path": d.path, "lang": d.lang, "license": d.license})
                                         + "\n" for d in stdlib_documents(held_out)))
