@@ -262,7 +262,10 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Call
 
     if state is None:
         base_loss = test.loss(model)
-        base_match = exact_match(model, tok, test, config.block)
+        # exact match in float32 for base and finetuned alike (finish() measures the merged adapter so)
+        reference = model if model.dtype == torch.float32 else load_model(config.model, device=device)
+        base_match = exact_match(reference, tok, test, config.block)
+        del reference
         state = {"config": config.to_dict(), "step": 0, "best": (math.inf, None), "bad_evals": 0,
                  "base": {"test_loss": base_loss, "exact_match": base_match}, "last_test": base_loss}  # fmt: skip
         with open(out / "metrics.jsonl", "w") as f:
