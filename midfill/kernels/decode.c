@@ -304,11 +304,75 @@ int midfill_linear_int8(const float *x, const int8_t *w, const float *scale, flo
     return 0;
 }
 
+/* One activation row, int4: two groups per 32-byte load, widened by in-lane unpacks instead of one
+ * cvtepu8 per half group, about a quarter fewer instructions per byte (int4 is compute-bound here).
+ * After the unpacks, 128-bit lane 0 holds group g's weights and lane 1 group g+1's, eight at a time,
+ * so the activations are laid out to match once per call (pair_layout); lanes 0-3 of the integer
+ * dot then sum group g and lanes 4-7 group g+1, each scaled by its own float16 scale. */
+static void pair_layout(const int16_t *q, int16_t *out, int64_t K) {
+    const int64_t paired = K / (2 * GROUP) * 2 * GROUP;
+    for (int64_t base = 0; base < paired; base += 2 * GROUP)
+        for (int part = 0; part < 4; part++)  /* weights 8*part .. 8*part+7 of each group */
+            for (int j = 0; j < 8; j++) {
+                out[base + 16 * part + j] = q[base + 8 * part + j];
+                out[base + 16 * part + 8 + j] = q[base + GROUP + 8 * part + j];
+            }
+    memcpy(out + paired, q + paired, (K - paired) * sizeof(int16_t));
+}
+
+static float one_row_int4(const Rows *rows, const int16_t *xp, const uint8_t *w, const uint16_t *scale,
+                          const uint16_t *minimum, int64_t K) {
+    const int64_t groups = K / GROUP;
+    const __m256i low = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    __m256i spread[4];  /* for pair i of eight groups: scales 2i (lanes 0-3) and 2i+1 (lanes 4-7) */
+    for (int i = 0; i < 4; i++) spread[i] = _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1);
+    __m256 acc = _mm256_setzero_ps(), offset = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g)));
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *wg = w + (g + 2 * i) * GROUP / 2;
+            const int16_t *xg = xp + (g + 2 * i) * GROUP;
+            _mm_prefetch((const char *)wg + PREFETCH, _MM_HINT_T0);
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)wg);
+            __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            __m256i d = _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), _mm256_loadu_si256((const __m256i *)xg));
+            d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), _mm256_loadu_si256((const __m256i *)(xg + 16))));
+            d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), _mm256_loadu_si256((const __m256i *)(xg + 32))));
+            d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), _mm256_loadu_si256((const __m256i *)(xg + 48))));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(s, spread[i]), acc);
+        }
+        offset = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(minimum + g))), _mm256_loadu_ps(rows->sums + g), offset);
+    }
+    float tail = 0.0f;
+    const __m128i low128 = _mm_set1_epi8(0x0F);
+    for (; g < groups; g++) {  /* the last (fewer than eight) groups, one at a time, on the plain layout */
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(w + g * GROUP / 2));
+        __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low128));
+        __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low128));
+        const int16_t *xg = rows->q + g * GROUP;
+        __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xg)),
+                                       _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xg + 16))));
+        tail += _cvtsh_ss(scale[g]) * hsum(_mm256_cvtepi32_ps(dot)) * rows->scale[0] + _cvtsh_ss(minimum[g]) * rows->sums[g];
+    }
+    return rows->scale[0] * hsum(acc) + hsum(offset) + tail;
+}
+
 int midfill_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *minimum, float *y,
                         int64_t M, int64_t N, int64_t K) {
     const int64_t groups = K / GROUP;
     Rows rows;
     if (quantize_rows(x, M, K, &rows)) return free_rows(&rows), -1;
+    if (M == 1) {
+        int16_t *xp = aligned_alloc(32, (size_t)(K * sizeof(int16_t) + 32) / 32 * 32);
+        if (!xp) return free_rows(&rows), -1;
+        pair_layout(rows.q, xp, K);
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++) y[n] = one_row_int4(&rows, xp, w + n * K / 2, scale + n * groups, minimum + n * groups, K);
+        free(xp);
+        free_rows(&rows);
+        return 0;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
 #define CALL(R) row_int4(&rows, w + n * K / 2, scale + n * groups, minimum + n * groups, y, n, N, K, R)
