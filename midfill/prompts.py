@@ -136,9 +136,13 @@ def chat_prompt(tok: Tokenizer, messages: Sequence[ChatMessage], budget: int | N
     """
     if not messages or messages[-1].role != "user":
         raise MidfillError("a chat prompt must end with a user message")
-    turns = [chat_turn_ids(tok, m) for m in messages]
+    # a message longer than this cannot fit whatever it tokenizes to: drop it (or refuse) unencoded
+    too_long = [budget is not None and len(m.content) > budget * tok.max_token_chars for m in messages]
+    if too_long[-1] or any(t and m.role == "system" for t, m in zip(too_long, messages)):
+        raise MidfillError(f"a chat message is longer than the budget of {budget} tokens could hold; shorten it")
+    turns = [[] if t else chat_turn_ids(tok, m) for t, m in zip(too_long, messages)]
     reply = [tok.empty_output_id, *tok.encode("ASSISTANT")]
-    keep = [True] * len(messages)
+    keep = [not t for t in too_long]
     if budget is not None:
         total = sum(map(len, turns)) + len(reply)
         droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,17 +53,22 @@ class Tokenizer:
             raise MidfillError(f"{self.source}: the tokenizer has no {token} token, which Refact prompts need")
         return token_id
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token covers more characters than this, so a text has at least len(text) / this many tokens."""
+        return max(len(token) for token in self._special_aware.get_vocab(with_added_tokens=True))
+
     @property
     def vocab_size(self) -> int:
         return self._special_aware.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text: special-token strings inside it are encoded as ordinary text."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return encode_text(self._plain, text, add_special_tokens=False)
 
     def encode_with_special(self, text: str) -> list[int]:
         """Ids of a raw prompt in which special-token strings ("<fim_prefix>", ...) become their ids."""
-        return self._special_aware.encode(text, add_special_tokens=True).ids
+        return encode_text(self._special_aware, text, add_special_tokens=True)
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._special_aware.decode(list(ids), skip_special_tokens=skip_special)
@@ -75,6 +81,22 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(path, self.to_json())
+
+
+def encode_text(tok: tokenizers.Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of `text`; a MidfillError for text that is not valid Unicode (lone surrogates).
+
+    `encode_batch` releases the GIL while the Rust side works (`encode` holds it), so a server
+    tokenizing a huge prompt in a worker thread keeps answering other requests meanwhile.
+    """
+    try:
+        return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    except TypeError:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MidfillError(f"the text is not valid Unicode: {exc.reason} at character {exc.start}") from None
+        raise
 
 
 def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:

@@ -194,6 +194,11 @@ def serve(
     tokenizer: TokenizerOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8008,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(help="A name clients may reach this server by, besides loopback names, IPs and --host "
+                     "(repeatable; '*' for any). Other Host headers get 403: a guard against DNS rebinding."),
+    ] = None,
     api_key: Annotated[
         Optional[str], typer.Option(envvar="MIDFILL_API_KEY", help="Require this key (Authorization: Bearer).")
     ] = None,
@@ -216,6 +221,7 @@ def serve(
 
     from midfill.engine.scheduler import Engine
     from midfill.server.app import create_app
+    from midfill.server.listener import server_config
     from midfill.server.state import ServerSettings
 
     if fim_order not in FIM_ORDERS:
@@ -226,14 +232,15 @@ def serve(
     if finetune_run is None and lora is not None and (Path(lora).parent / "progress.json").is_file():
         finetune_run = Path(lora).parent  # the run that made the adapter
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order,
-                              finetune_run=str(finetune_run) if finetune_run else None)  # fmt: skip
+                              finetune_run=str(finetune_run) if finetune_run else None, host=host,
+                              allowed_hosts=tuple(allowed_host or ()))  # fmt: skip
     err.print(
         f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, "
         f"weights {net.weight_format or net.dtype}, {net.device}, "
         f"context {engine.ctx}) at http://{host}:{port} (web page at /)" + (" with an API key" if api_key else "")
     )
     logging.basicConfig(level=logging.INFO, format="midfill: %(message)s")
-    uvicorn.run(create_app(engine, tok, settings), host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(create_app(engine, tok, settings), host, port)).run()
 
 
 @app.command()

@@ -8,6 +8,10 @@ import torch
 
 from midfill.errors import MidfillError
 
+SEED_SPACE = 2**64  # torch seeds are 64-bit: any integer seed is taken modulo this
+MIN_TEMPERATURE = 1e-6  # below this, sampling is argmax to float precision: sample greedily instead of dividing by ~0
+MAX_REPETITION_PENALTY = 1e4  # beyond this the penalty only overflows the logits
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,12 +28,15 @@ class SamplingParams:
             raise MidfillError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MidfillError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise MidfillError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 1 / MAX_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise MidfillError(
+                f"repetition_penalty must be in [{1 / MAX_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty}"
+            )
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 class Sampler:
@@ -41,7 +48,7 @@ class Sampler:
         if params.seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(params.seed)
+            self.generator.manual_seed(params.seed % SEED_SPACE)
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """`seen` [B, V] marks tokens already in each row's context, for the repetition penalty."""
@@ -52,7 +59,8 @@ class Sampler:
             logits = torch.where(seen, penalized, logits)
         if p.greedy:
             return logits.argmax(dim=-1)
-        logits = logits / p.temperature
+        # shifted so the best logit is 0: a small temperature then sends the others to -inf, never to nan
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

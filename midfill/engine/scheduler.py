@@ -33,8 +33,12 @@ Event = TextDelta | Finished
 EventSink = Callable[[Event], None]
 
 
-class QueueFull(Exception):
-    """More requests are waiting than the engine was told to queue; the client should retry."""
+class EngineUnavailable(Exception):
+    """The engine cannot take a request now (stopped, or its queue is full); the client should retry."""
+
+
+class QueueFull(EngineUnavailable):
+    """More requests are waiting than the engine was told to queue."""
 
 
 @dataclass
@@ -116,6 +120,8 @@ class Engine:
                 f"prompt ({n_prompt} tokens) + max tokens ({request.max_new_tokens}) exceed the context of {self.ctx} tokens"
             )
         with self.wakeup:
+            if self.thread is not None and not self.alive:  # started once, stopped since
+                raise EngineUnavailable("the engine is not running")
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are already waiting")
             if request.slot is not None:
@@ -128,6 +134,11 @@ class Engine:
 
     # --- the engine thread ---
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running (what /health reports)."""
+        return self.running and self.thread is not None and self.thread.is_alive()
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
@@ -138,33 +149,45 @@ class Engine:
                         break
                     room = self.max_batch - len(self.active)
                     admitted = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
-                for item in admitted:
-                    self._admit(item)
-                self._retire()
-                if self.active:
-                    try:
-                        self._step()
-                    except Exception:
-                        log.exception("decode step failed; failing the batch")
-                        for seq in self.active:
-                            seq.finish_reason = seq.finish_reason or "error"
-                    self._retire()
+                try:
+                    self._iterate(admitted)
+                except Exception:  # a bug must fail the requests it touched, never the thread
+                    log.exception("engine step failed; failing the batch")
+                    self._fail_active()
         for seq in self.active:
             seq.finish_reason = "cancelled"
         self._retire()
         for item in self.pending:
             self._emit(item.sink, Finished(GenerationResult.empty(item.request, "cancelled")))
 
+    def _iterate(self, admitted: list[Pending]) -> None:
+        for item in admitted:
+            self._admit(item)
+        self._retire()
+        if self.active:
+            try:
+                self._step()
+            except Exception:
+                log.exception("decode step failed; failing the batch")
+                for seq in self.active:
+                    seq.finish_reason = seq.finish_reason or "error"
+            self._retire()
+
     def _admit(self, item: Pending) -> None:
         request = item.request
-        seq = Sequence(
-            request=request,
-            sink=item.sink,
-            assembler=TextAssembler(self.tok, request.rules),
-            sampler=Sampler(request.sampling, self.model.device),
-            tokens=list(request.prompt_ids),
-            submitted_at=item.submitted_at,
-        )
+        try:
+            seq = Sequence(
+                request=request,
+                sink=item.sink,
+                assembler=TextAssembler(self.tok, request.rules),
+                sampler=Sampler(request.sampling, self.model.device),
+                tokens=list(request.prompt_ids),
+                submitted_at=item.submitted_at,
+            )
+        except Exception:
+            log.exception("a request could not be admitted")
+            self._emit(item.sink, Finished(GenerationResult.empty(request, "error")))
+            return
         self.active.append(seq)
         if request.cancelled.is_set():
             seq.finish_reason = "cancelled"
@@ -199,7 +222,7 @@ class Engine:
         if seq.request.max_new_tokens == 0:  # a cache warm-up: the prompt's KV is all it wanted
             seq.finish_reason = "length"
             return
-        self._accept(seq, int(seq.sampler(logits[:, -1], seq.seen)[0]))
+        self._sample(seq, logits[:, -1])
 
     def _step(self) -> None:
         for seq in self.active:
@@ -210,7 +233,17 @@ class Engine:
         ids = torch.tensor([seq.next_token for seq in self.active], device=self.model.device)
         logits = decode_one(self.model, ids, self.slab.rows(0, len(self.active)))
         for row, seq in enumerate(self.active):
-            self._accept(seq, int(seq.sampler(logits[row : row + 1], seq.seen)[0]))
+            self._sample(seq, logits[row : row + 1])
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample and accept one row's next token; a failure ends that row alone, not the batch."""
+        try:
+            token = int(seq.sampler(logits, seq.seen)[0])
+        except Exception:
+            log.exception("sampling failed for one request")
+            seq.finish_reason = "error"
+            return
+        self._accept(seq, token)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """Take one sampled token: stream its text, or decide that the sequence is done."""
@@ -262,6 +295,15 @@ class Engine:
                 self.slab.lengths[row] = n
                 self.active[row] = self.active[last]
             self.active.pop()
+
+    def _fail_active(self) -> None:
+        """Report every active sequence as failed and free all rows, touching nothing else."""
+        for seq in self.active:
+            seq.finish_reason = "error"
+            self._emit(seq.sink, Finished(self._result(seq)))
+        failed = {id(seq.request) for seq in self.active}
+        self.active.clear()
+        self.slots = {slot: r for slot, r in self.slots.items() if id(r) not in failed}
 
     def _remember(self, seq: Sequence, row: int) -> None:
         n = int(self.slab.lengths[row])

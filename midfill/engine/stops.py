@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from midfill.errors import MidfillError
 
 LINE_MODES = ("free", "single-line", "multi-line")
+MAX_STOP_STRINGS = 32  # OpenAI's own limit is 4; each string is searched for after every token
+MAX_STOP_CHARS = 256
 
 
 def indent_of(line: str) -> int:
@@ -33,8 +35,12 @@ class StopRules:
     trim_trailing_whitespace: bool = False
 
     def __post_init__(self) -> None:
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise MidfillError(f"{len(self.stop_strings)} stop strings given; at most {MAX_STOP_STRINGS} are allowed")
         if any(s == "" for s in self.stop_strings):
             raise MidfillError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop_strings):
+            raise MidfillError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
 
     @classmethod
     def for_mode(cls, mode: str, cursor_indent: int = 0, stop_strings: tuple[str, ...] = ()) -> "StopRules":

@@ -4,28 +4,27 @@ always come back in the calling protocol's own error schema."""
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from midfill.engine.scheduler import Engine, QueueFull
+from midfill.engine.scheduler import Engine, EngineUnavailable
 from midfill.errors import MidfillError
 from midfill.server import llamacpp, openai, refact, ui
 from midfill.server.bridge import ClientGone
+from midfill.server.guards import ApiKeyCheck, HeadAsGet, HostCheck
 from midfill.server.metrics import Metrics
-from midfill.server.state import ServerSettings, ServerState, get_state
+from midfill.server.state import ServerSettings, ServerState
 from midfill.tokenizer import Tokenizer
 
 log = logging.getLogger("midfill.server")
-PUBLIC_PATHS = {"/health", "/v1/health", "/"}  # and the page's files under /ui
 RETRY_AFTER_S = 1
 
 LLAMACPP_PATHS = ("/infill", "/completion", "/health", "/v1/health")
@@ -123,16 +122,6 @@ class CountRequests:
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)
 
 
-def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> None:
-    expected = state.settings.api_key
-    if not expected or request.url.path in PUBLIC_PATHS:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API key; send it as 'Authorization: Bearer <key>'")
-
-
 def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> FastAPI:
     """The app; it starts the engine thread on startup and stops it on shutdown."""
     metrics = Metrics()
@@ -148,7 +137,7 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
             cancelled = engine.stop()
             log.info("stopped; %d unfinished requests cancelled", cancelled)
 
-    app = FastAPI(title="midfill", lifespan=lifespan, dependencies=[Depends(require_api_key)])
+    app = FastAPI(title="midfill", lifespan=lifespan)
     app.state.midfill = ServerState(engine, tok, metrics, settings)
     for router in (openai.router, refact.router, llamacpp.router, ui.router):
         app.include_router(router)
@@ -175,8 +164,8 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
             message = f"the body could not be read as UTF-8 JSON ({exc.__cause__.__class__.__name__})"
         return error_response(request.url.path, exc.status_code, message, getattr(exc, "headers", None))
 
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, exc: QueueFull):
+    @app.exception_handler(EngineUnavailable)
+    async def engine_unavailable(request: Request, exc: EngineUnavailable):
         message = f"the server is busy ({exc}); retry in {RETRY_AFTER_S}s"
         return error_response(request.url.path, 503, message, {"Retry-After": str(RETRY_AFTER_S)})
 
@@ -189,6 +178,10 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
         log.exception("unhandled error on %s", request.url.path)
         return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}")
 
-    app.add_middleware(CountRequests, metrics=metrics)
+    # the last added runs first: count everything, then Host, HEAD, key, size, and only then a route
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyCheck, key=settings.api_key, respond=error_response)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(HostCheck, allowed=frozenset({settings.host, *settings.allowed_hosts}), respond=error_response)
+    app.add_middleware(CountRequests, metrics=metrics)
     return app

@@ -13,6 +13,7 @@ import uvicorn
 from midfill.engine.scheduler import Engine
 from midfill.model import GPTRefactForCausalLM
 from midfill.server.app import create_app
+from midfill.server.listener import server_config
 from midfill.server.state import ServerSettings
 from midfill.tokenizer import Tokenizer
 
@@ -31,13 +32,15 @@ def running_server(
     api_key: str | None = None,
     max_body_bytes: int = 8 * 2**20,
     finetune_run: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
     **engine_options,
 ) -> Iterator[tuple[str, Engine]]:
     """Yield (base_url, engine) while a uvicorn server runs the app in a background thread."""
     engine = Engine(model, tok, **engine_options)
-    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes, finetune_run=finetune_run)
+    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes, finetune_run=finetune_run,
+                              allowed_hosts=allowed_hosts)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(engine, tok, settings), "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

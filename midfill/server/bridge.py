@@ -12,9 +12,12 @@ from starlette.types import Receive, Scope, Send
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
 from midfill.engine.scheduler import Engine
+from midfill.errors import MidfillError
 from midfill.server.metrics import Metrics
 
 DISCONNECT_POLL_S = 0.05
+ENGINE_FAILED = "generation failed inside the engine"
+MAX_GENERATIONS_PER_CALL = 16  # prompts x n in one HTTP request: more would crowd out every other client
 
 
 class ClientGone(Exception):
@@ -33,6 +36,11 @@ class EngineCall:
         self.metrics = metrics
         self.route = route
         self.requests = list(requests)
+        if len(self.requests) > MAX_GENERATIONS_PER_CALL:
+            raise MidfillError(
+                f"this request asks for {len(self.requests)} generations (prompts x n); at most "
+                f"{MAX_GENERATIONS_PER_CALL} are allowed in one request"
+            )
         self.results: list[GenerationResult | None] = [None] * len(self.requests)
         self._queue: asyncio.Queue[tuple[int, TextDelta | Finished]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -91,7 +99,7 @@ class EngineCall:
         if results is None:
             raise ClientGone()
         if any(r.finish_reason == "error" for r in results):
-            raise RuntimeError("generation failed inside the engine")
+            raise RuntimeError(ENGINE_FAILED)
         return results
 
     async def _drain(self) -> list[GenerationResult]:

@@ -15,14 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt
-from midfill.server.bridge import EngineCall, EventStream, sse_event
+from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -101,6 +103,8 @@ def check_predict(body: CompletionRequest, ctx: int) -> int:
 def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[int], budget: int) -> list[int]:
     extra: list[int] = []
     for chunk in reversed(chunks):  # the newest chunks are last; keep those
+        if len(chunk.text) > budget * state.tok.max_token_chars:
+            break  # could not fit whatever it tokenizes to
         chunk_ids = state.tok.encode(SNIPPET_SEPARATOR + chunk.text)
         if len(extra) + len(chunk_ids) + len(ids) > budget:
             break
@@ -122,30 +126,42 @@ def generation(body: CompletionRequest, state: ServerState, ids: list[int], rese
     )
 
 
+def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> list[int]:
+    prefix = body.input_prefix + body.prompt if isinstance(body.prompt, str) else body.input_prefix
+    ids = fim_prompt(state.tok, prefix, body.input_suffix, state.settings.fim_order, budget=budget)
+    return with_extra_context(state, body.input_extra, ids, budget)
+
+
 @router.post("/infill")
 async def infill(body: InfillRequest, http: Request, state: ServerState = Depends(get_state)):
     reserve = check_predict(body, state.ctx)
-    prefix = body.input_prefix + body.prompt if isinstance(body.prompt, str) else body.input_prefix
-    budget = state.ctx - reserve
-    ids = fim_prompt(state.tok, prefix, body.input_suffix, state.settings.fim_order, budget=budget)
-    ids = with_extra_context(state, body.input_extra, ids, budget)
     rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None)
+    ids = await run_in_threadpool(infill_prompt, body, state, state.ctx - reserve)  # tokenizing can take a while
     return await respond(body, http, state, generation(body, state, ids, reserve, rules), "/infill", truncated=False)
+
+
+def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) -> tuple[list[int], bool]:
+    """The prompt's ids, keeping its end if it is over budget (as llama.cpp does), and whether it was cut."""
+    if isinstance(body.prompt, str):
+        # only the end is kept, and no token covers more than max_token_chars: the rest need not be tokenized
+        ids = state.tok.encode_with_special(body.prompt[-(budget + 1) * state.tok.max_token_chars :])
+        truncated = len(ids) > budget or len(body.prompt) > (budget + 1) * state.tok.max_token_chars
+    else:
+        ids = list(body.prompt)
+        truncated = len(ids) > budget
+    if not ids:
+        raise MidfillError("prompt is empty")
+    if any(not 0 <= t < state.tok.vocab_size for t in ids):
+        raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
+    return ids[-budget:], truncated
 
 
 @router.post("/completion")
 @router.post("/completions")
 async def completion(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     reserve = check_predict(body, state.ctx)
-    ids = state.tok.encode_with_special(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-    if not ids:
-        raise MidfillError("prompt is empty")
-    if any(not 0 <= t < state.tok.vocab_size for t in ids):
-        raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
-    budget = state.ctx - reserve
-    truncated = len(ids) > budget
-    ids = ids[-budget:]  # like llama.cpp: an over-long prompt keeps its end
     rules = StopRules(tuple(s for s in body.stop if s))
+    ids, truncated = await run_in_threadpool(completion_prompt, body, state, state.ctx - reserve)
     return await respond(body, http, state, generation(body, state, ids, reserve, rules), "/completion", truncated)
 
 
@@ -204,7 +220,9 @@ async def respond(body: CompletionRequest, http: Request, state: ServerState, re
     if body.stream:
         async def stream():
             async for _, event in call.events():
-                if isinstance(event, Finished):
+                if isinstance(event, Finished) and event.result.finish_reason == "error":
+                    yield sse_event(error_body(500, ENGINE_FAILED))  # what llama.cpp streams when a slot fails
+                elif isinstance(event, Finished):
                     final = final_body(body, state, event.result, truncated, "")
                     yield sse_event(pick_fields(final, body.response_fields))
                 else:
@@ -219,5 +237,7 @@ async def respond(body: CompletionRequest, http: Request, state: ServerState, re
 
 @router.get("/health")
 @router.get("/v1/health")
-async def health():
+async def health(state: ServerState = Depends(get_state)):
+    if not state.engine.alive:
+        return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
     return {"status": "ok"}

@@ -14,13 +14,14 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt
-from midfill.server.bridge import EngineCall, EventStream, sse_event
+from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -108,8 +109,6 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 32:
-        raise MidfillError(f"stop has {len(stops)} entries; at most 32 are allowed")
     return tuple(s for s in stops if s)
 
 
@@ -140,6 +139,9 @@ def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) 
         elif body.suffix is not None:
             ids, text = fim_prompt(state.tok, prompt, body.suffix, state.settings.fim_order, budget=budget), prompt
         else:
+            if len(prompt) > budget * state.tok.max_token_chars:  # too long whatever it tokenizes to
+                raise MidfillError(f"the prompt is over {budget} tokens, the room that max_tokens {n_new} leaves in the "
+                                   f"context of {state.ctx} tokens; shorten the prompt or lower max_tokens")
             ids, text = state.tok.encode_with_special(prompt), prompt
         if not ids:
             raise MidfillError("prompt is empty")
@@ -169,7 +171,7 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
     reject_unsupported(body)
     n_new = max_new_tokens(body, DEFAULT_COMPLETION_TOKENS, state.ctx)
     stops = stop_strings(body.stop)
-    prompts = completion_prompts(state, body, n_new)
+    prompts = await run_in_threadpool(completion_prompts, state, body, n_new)  # tokenizing can take a while
     requests = [
         GenerationRequest(ids, n_new, sampling(body, choice), StopRules(stops), frozenset({state.tok.eot_id}))
         for ids, _ in prompts
@@ -188,7 +190,7 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
             async for index, event in call.events():
                 if isinstance(event, Finished):
                     if event.result.finish_reason == "error":
-                        yield sse_event(error_body(500, "generation failed inside the engine"))
+                        yield sse_event(error_body(500, ENGINE_FAILED))
                         continue
                     choice = {"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason(event.result)}
                 else:
@@ -216,7 +218,7 @@ def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     reject_unsupported(body)
     n_new = max_new_tokens(body, min(DEFAULT_CHAT_TOKENS, state.ctx // 2), state.ctx)
-    ids = chat_prompt(state.tok, chat_messages(body), budget=state.ctx - n_new)
+    ids = await run_in_threadpool(chat_prompt, state.tok, chat_messages(body), state.ctx - n_new)
     stop_ids = frozenset({state.tok.eot_id, state.tok.empty_output_id})
     rules = StopRules(stop_strings(body.stop), trim_trailing_whitespace=True)
     requests = [GenerationRequest(ids, n_new, sampling(body, c), rules, stop_ids) for c in range(body.n)]
@@ -232,7 +234,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Se
             async for index, event in call.events():
                 if isinstance(event, Finished):
                     if event.result.finish_reason == "error":
-                        yield sse_event(error_body(500, "generation failed inside the engine"))
+                        yield sse_event(error_body(500, ENGINE_FAILED))
                         continue
                     choice = {"index": index, "delta": {}, "finish_reason": finish_reason(event.result)}
                 else:

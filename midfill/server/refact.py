@@ -13,13 +13,14 @@ import time
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules, cursor_indent
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt
-from midfill.server.bridge import EngineCall, EventStream, sse_event
+from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -139,7 +140,7 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
     if n_new >= state.ctx:
         raise MidfillError(f"max_new_tokens is {n_new}, but the context is {state.ctx} tokens")
     prefix, suffix = split_at_cursor(body.inputs)
-    ids = fim_prompt(state.tok, prefix, suffix, state.settings.fim_order, budget=state.ctx - n_new)
+    ids = await run_in_threadpool(fim_prompt, state.tok, prefix, suffix, state.settings.fim_order, state.ctx - n_new)
     mode = "multi-line" if body.inputs.multiline else "single-line"
     request = GenerationRequest(
         ids,
@@ -155,6 +156,9 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
     if body.stream:
         async def stream():
             async for _, event in call.events():
+                if isinstance(event, Finished) and event.result.finish_reason == "error":
+                    yield sse_event(error_body(500, ENGINE_FAILED))  # refact-lsp reads "detail" as an error
+                    continue
                 if isinstance(event, Finished):
                     choice = {"index": 0, "code_completion": "", "finish_reason": finish_reason(event.result.finish_reason)}
                 else:

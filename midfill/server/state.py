@@ -20,6 +20,8 @@ class ServerSettings:
     fim_order: str = "spm"
     max_body_bytes: int = 8 * 2**20
     finetune_run: str | None = None  # a `midfill finetune` output folder whose progress the status page shows
+    host: str = "127.0.0.1"  # the address served on; its name is accepted in Host headers
+    allowed_hosts: tuple[str, ...] = ()  # more names accepted in Host headers ("*": any)
     started: int = field(default_factory=lambda: int(time.time()))
 
 
