@@ -90,3 +90,37 @@ def test_node_programs_run_too():
     node = Sandbox(Limits(wall_seconds=10, memory_bytes=16 * 2**30))
     outcome = node.run(["node", "--max-old-space-size=256", "main.js"], {"main.js": "console.log(1 + 1)"})
     assert outcome.stdout.strip() == "2"
+
+
+@pytest.mark.skipif(not ROOT, reason="own user ids need root here")
+def test_sandbox_uid_is_from_an_unused_range():
+    import pwd
+
+    from midfill.eval.sandbox import SANDBOX_UID_BASE, pid_max, sandbox_uid, uid_in_use
+
+    uid = sandbox_uid(os.getpid())
+    assert uid >= SANDBOX_UID_BASE and uid not in [p.pw_uid for p in pwd.getpwall()]
+    assert not uid_in_use(uid) and uid_in_use(0)  # root: an account and running processes
+    assert sandbox_uid(pid_max() - 1) != sandbox_uid(1)  # unique per evaluating process
+    assert sandbox_uid(65534 - 60000) != 65534  # the old scheme's collision with `nobody`
+
+
+@pytest.mark.skipif(not ROOT, reason="mount namespaces need root here")
+def test_writes_outside_the_folder_are_capped_in_total_and_vanish(sandbox):
+    if not sandbox.private_mounts:
+        pytest.skip("this machine refuses mount namespaces (no CAP_SYS_ADMIN); leftovers are deleted instead")
+    before = set(os.listdir("/dev/shm"))
+    code = ("import os\nn = 0\ntry:\n    for place in ('/dev/shm', '/tmp', '/var/tmp', '/run/lock', '.'):\n"
+            "        for i in range(200):\n            open(f'{place}/f{i}', 'wb').write(b'x' * 2**19)\n            n += 1\n"
+            "except OSError as e:\n    print(n, e.errno)\n")
+    outcome = sandbox.run_python(code)
+    written, errno_ = map(int, outcome.stdout.split())
+    assert errno_ == 28 and written * 2**19 <= Limits().disk_bytes  # ENOSPC: the whole tmpfs is full
+    assert set(os.listdir("/dev/shm")) == before
+    assert sandbox.run_python("open('/run/lock/midfill-survivor', 'w').write('x')").passed
+    assert not os.path.exists("/run/lock/midfill-survivor")  # /run/lock is not cleaned by anyone else
+
+
+def test_a_correct_program_with_long_output_still_passes(sandbox):
+    outcome = sandbox.run_python("print('x' * 200_000)\nprint('the end')")
+    assert outcome.passed and outcome.stdout.rstrip().endswith("the end")  # the tail is what is kept

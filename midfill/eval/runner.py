@@ -21,6 +21,7 @@ from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.scheduler import Engine
 from midfill.engine.stops import StopRules
+from midfill.eval.judge import judge_python
 from midfill.eval.passk import mean_pass_at_k
 from midfill.eval.sandbox import Limits, Sandbox
 from midfill.eval.tasks import CHAT_INSTRUCTION, COMPLETION_STOPS, Task, chat_completion
@@ -126,12 +127,19 @@ def _start_worker(limits: Limits) -> None:
     _sandbox = Sandbox(limits)
 
 
-def _execute(language_and_program: tuple[str, str]) -> tuple[str, str]:
-    """Run one program; it passes only if it exits cleanly *after* printing a fresh random marker
-    placed after its tests, so `sys.exit(0)` or `os._exit(0)` before the tests is a failure."""
-    language, program = language_and_program
+def _execute(task_and_completion: tuple[Task, str]) -> tuple[str, str]:
+    """(status, error) of one sample. Python tasks are judged from outside the program (judge.py).
+
+    Other programs run their own tests and pass only if they exit cleanly *after* printing a
+    fresh random marker placed after the tests, so an exit before the tests is a failure (a
+    program that reads the marker from its own source can still fake it: see judge.py).
+    """
+    task, completion = task_and_completion
+    if task.judged:
+        return judge_python(_sandbox, task, completion)
     marker = f"midfill-tests-done-{secrets.token_hex(8)}"
-    if language == "javascript":
+    program = task.program(completion)
+    if task.language == "javascript":
         outcome = _sandbox.run(["node", "--max-old-space-size=512", "main.js"], {"main.js": f"{program}\nconsole.log({marker!r});\n"})
     else:
         outcome = _sandbox.run_python(f"{program}\nprint({marker!r})\n")
@@ -159,8 +167,8 @@ def execute_samples(tasks: list[Task], samples: list[dict], path: Path, workers:
             limits = dataclasses.replace(limits, memory_bytes=max(limits.memory_bytes, 16 * 2**30))
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(limits,)) as pool, \
                 open(path, "a") as out:
-            programs = [(by_id[s["task_id"]].language, by_id[s["task_id"]].program(s["completion"])) for s in todo]
-            for count, (sample, (status, error)) in enumerate(zip(todo, pool.map(_execute, programs)), 1):
+            work = [(by_id[s["task_id"]], s["completion"]) for s in todo]
+            for count, (sample, (status, error)) in enumerate(zip(todo, pool.map(_execute, work)), 1):
                 out.write(json.dumps({"task_id": sample["task_id"], "sample": sample["sample"], "status": status,
                                       "error": error}) + "\n")
                 out.flush()

