@@ -113,3 +113,23 @@ def test_cli_build_and_tokenizer_train(code_corpus, tmp_path):
     result = runner.invoke(app, ["data", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "e"), "--tokenizer",
                                  str(tmp_path / "t.json")])
     assert result.exit_code == 2 and "no such file or folder" in result.stderr
+
+
+def test_an_unreadable_file_is_rejected_with_its_reason(code_corpus, small_tokenizer, tmp_path, monkeypatch):
+    import builtins
+
+    import midfill.data.sources as sources
+
+    locked = sorted(p for p in code_corpus.rglob("*.py"))[0]
+
+    def open_or_refuse(path, *args, **kwargs):  # root reads any file: refuse one as a locked file would be
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "open", open_or_refuse, raising=False)
+    tokenizer = tmp_path / "tok.json"
+    small_tokenizer.save(tokenizer)
+    manifest = build_dataset([str(code_corpus)], tmp_path / "b", tokenizer, BuildConfig(workers=1))
+    assert manifest["stages"]["filter"]["rejected"]["unreadable (Permission denied)"] == 1
+    assert manifest["stages"]["filter"]["docs_in"] == 15

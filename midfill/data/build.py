@@ -12,9 +12,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from midfill.data.packing import ShardWriter, token_dtype, write_manifest
 from midfill.data.sources import iter_source
 from midfill.errors import MidfillError
 from midfill.files import write_text_atomic
+from midfill.processes import worker_pool
 from midfill.tokenizer import Tokenizer, load_tokenizer
 
 Progress = Callable[[str, int], None]  # (stage, documents just processed)
@@ -40,11 +39,6 @@ class BuildConfig:
     shard_tokens: int = 2**24
     chunk_docs: int = 256
     workers: int = max(1, (os.cpu_count() or 1))
-
-
-def pool(workers: int, initializer=None, initargs=()) -> ProcessPoolExecutor:
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"  # fork: workers start without re-importing
-    return ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=initializer, initargs=initargs)
 
 
 def read_jsonl(path: Path) -> list[Document]:
@@ -93,7 +87,7 @@ def stage_filter(sources: list[str], folder: Path, config: BuildConfig, progress
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "DONE").exists():
         todo = ((i, docs) for i, docs in enumerate(chunks(sources, config.chunk_docs)) if not (out / f"part-{i:06d}.stats.json").exists())
-        with pool(config.workers) as executor:
+        with worker_pool(config.workers) as executor:
             pending = {}
             for index, docs in todo:
                 pending[index] = executor.submit(filter_chunk, docs, config.filters)
@@ -138,7 +132,7 @@ def stage_dedup(folder: Path, config: BuildConfig, progress: Progress) -> dict:
     dedup = Deduplicator(threshold=config.near_dedup_threshold, redis=config.redis)
     stats = {"docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0}
     parts = sorted(source.glob("part-*.jsonl"))
-    with pool(config.workers) as executor:
+    with worker_pool(config.workers) as executor:
         for path, (docs, sigs) in zip(parts, executor.map(signatures, parts)):
             kept = [d for d, s in zip(docs, sigs) if dedup.keep(d.text, s)]
             write_jsonl(out / path.name, kept)
@@ -183,7 +177,7 @@ def stage_pack(folder: Path, tokenizer_path: Path, config: BuildConfig, progress
     per_language: Counter = Counter()
     docs_per_split: Counter = Counter()
     parts = sorted((folder / "dedup").glob("part-*.jsonl"))
-    with pool(config.workers, _load_worker_tokenizer, (str(tokenizer_path),)) as executor:
+    with worker_pool(config.workers, _load_worker_tokenizer, (str(tokenizer_path),)) as executor:
         for results in executor.map(tokenize_part, parts, [config.val_fraction] * len(parts)):
             for ids, lang, split in results:
                 writers[split].write(ids)

@@ -35,10 +35,11 @@ class Document:
     lang: str | None = None
     license: str | list[str] | None = None  # from metadata (The Stack), when there is any
     source: str = ""
+    unreadable: str | None = None  # why the file could not be read (permission denied, ...), if it could not
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Document":
-        return cls(**{k: raw.get(k) for k in ("text", "path", "lang", "license", "source") if k in raw})
+        return cls(**{k: raw.get(k) for k in ("text", "path", "lang", "license", "source", "unreadable") if k in raw})

@@ -64,6 +64,8 @@ def looks_generated(text: str) -> bool:
 
 def reject_reason(doc: Document, config: FilterConfig) -> str | None:
     """Why a document is rejected, or None to keep it. Cheap checks run first."""
+    if doc.unreadable is not None:
+        return f"unreadable ({doc.unreadable})"
     size = len(doc.text.encode("utf-8", errors="replace"))
     if doc.lang is None:
         return "unknown language"

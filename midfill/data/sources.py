@@ -21,9 +21,14 @@ MAX_READ_BYTES = 8 * 2**20  # larger files are rejected by the size filter anywa
 
 
 def read_file(path: Path, relative: str, source: str) -> Document:
-    """Read a file as UTF-8; a file that is not valid UTF-8 becomes "\0", which the binary filter rejects."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_READ_BYTES + 1)
+    """Read a file as UTF-8; a file that is not valid UTF-8 becomes "\0", which the binary filter rejects,
+    and one that cannot be read carries the reason, which the filters reject it for."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_READ_BYTES + 1)
+    except OSError as exc:
+        return Document(text="", path=relative, lang=language_of(relative), source=source,
+                        unreadable=exc.strerror or type(exc).__name__)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

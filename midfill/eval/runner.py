@@ -13,7 +13,6 @@ import secrets
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from midfill.eval.passk import mean_pass_at_k
 from midfill.eval.sandbox import Limits, Sandbox
 from midfill.eval.tasks import CHAT_INSTRUCTION, COMPLETION_STOPS, Task, chat_completion
 from midfill.files import write_text_atomic
+from midfill.processes import worker_pool
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt
 from midfill.tokenizer import Tokenizer
 
@@ -155,17 +155,14 @@ def execute_samples(tasks: list[Task], samples: list[dict], path: Path, workers:
     JavaScript (MultiPL-E) runs under node, whose V8 reserves far more address space than it uses:
     its heap is capped by node's own flag, and the address-space limit is raised for it.
     """
-    import multiprocessing
-
     by_id = {t.task_id: t for t in tasks}
     done = {(r["task_id"], r["sample"]) for r in read_jsonl(path)}
     todo = [s for s in samples if (s["task_id"], s["sample"]) not in done and s["task_id"] in by_id]
     progress("execute", len(samples) - len(todo), len(samples))
     if todo:
-        context = multiprocessing.get_context("fork")
         if any(t.language == "javascript" for t in tasks):
             limits = dataclasses.replace(limits, memory_bytes=max(limits.memory_bytes, 16 * 2**30))
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(limits,)) as pool, \
+        with worker_pool(workers, _start_worker, (limits,)) as pool, \
                 open(path, "a") as out:
             work = [(by_id[s["task_id"]], s["completion"]) for s in todo]
             for count, (sample, (status, error)) in enumerate(zip(todo, pool.map(_execute, work)), 1):
