@@ -30,3 +30,19 @@ def stdlib_texts(limit: int = 40) -> list[str]:
     folder = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(folder.glob("*.py"))[:limit]
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def score_samples(folder: Path, rows: list[dict]) -> dict:
+    """`midfill eval score` on rows written to folder/samples.jsonl: its pass@k summary."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from midfill.cli import app
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["eval", "score", str(path), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])

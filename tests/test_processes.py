@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
