@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from midfill.engine.healing import healing_cut
 from midfill.errors import MidfillError
 from midfill.tokenizer import Tokenizer
 
@@ -48,6 +49,14 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, order: str = "spm", bud
     if order == "psm":
         return fim_prompt_psm(tok, prefix, suffix, budget)
     raise MidfillError(f"unknown FIM order {order!r}; use 'spm' or 'psm'")
+
+
+def fim_prompt_healed(
+    tok: Tokenizer, prefix: str, suffix: str, order: str = "spm", budget: int | None = None, heal: bool = True
+) -> tuple[list[int], str]:
+    """A FIM prompt with token healing (engine/healing.py): its ids, and the text the answer must start with."""
+    cut = healing_cut(tok, prefix) if heal else ""
+    return fim_prompt(tok, prefix[: len(prefix) - len(cut)], suffix, order, budget), cut
 
 
 def fit_prefix_suffix(

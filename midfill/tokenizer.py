@@ -58,6 +58,19 @@ class Tokenizer:
         """No token covers more characters than this, so a text has at least len(text) / this many tokens."""
         return max(len(token) for token in self._special_aware.get_vocab(with_added_tokens=True))
 
+    @functools.cached_property
+    def _bytes_of_tokens(self) -> list[bytes]:
+        byte_of = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+        table = [b""] * self.vocab_size
+        for token, token_id in self._special_aware.get_vocab(with_added_tokens=True).items():
+            level = token_id not in self.special_ids and all(char in byte_of for char in token)
+            table[token_id] = bytes(byte_of[c] for c in token) if level else token.encode("utf-8")
+        return table
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level token may hold part of a UTF-8 character)."""
+        return self._bytes_of_tokens[token_id]
+
     @property
     def vocab_size(self) -> int:
         return self._special_aware.get_vocab_size(with_added_tokens=True)
@@ -81,6 +94,14 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(path, self.to_json())
+
+
+def byte_level_alphabet() -> list[str]:
+    """The character byte-level BPE writes for each byte 0..255 (GPT-2's table): printable bytes
+    stand for themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
 def encode_text(tok: tokenizers.Tokenizer, text: str, add_special_tokens: bool) -> list[int]:

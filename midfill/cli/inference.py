@@ -202,6 +202,12 @@ def serve(
     api_key: Annotated[
         Optional[str], typer.Option(envvar="MIDFILL_API_KEY", help="Require this key (Authorization: Bearer).")
     ] = None,
+    token_healing: Annotated[
+        bool, typer.Option(help="Heal FIM prompts that end inside a token (mid-word, or a bare newline before indentation).")
+    ] = True,
+    suffix_overlap: Annotated[
+        bool, typer.Option(help="Cut a FIM answer's end where it repeats the start of the text after the cursor.")
+    ] = True,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(min=0, help="Waiting requests beyond which 503 is answered.")] = 64,
     ctx: CtxOpt = None,
@@ -233,7 +239,8 @@ def serve(
         finetune_run = Path(lora).parent  # the run that made the adapter
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order,
                               finetune_run=str(finetune_run) if finetune_run else None, host=host,
-                              allowed_hosts=tuple(allowed_host or ()))  # fmt: skip
+                              allowed_hosts=tuple(allowed_host or ()), token_healing=token_healing,
+                              cut_suffix_overlap=suffix_overlap)  # fmt: skip
     err.print(
         f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, "
         f"weights {net.weight_format or net.dtype}, {net.device}, "

@@ -17,11 +17,13 @@ class TextAssembler:
     `text` is the final completion and `finish_reason` says why it ended.
     """
 
-    def __init__(self, tok: Tokenizer, rules: StopRules | None = None) -> None:
+    def __init__(self, tok: Tokenizer, rules: StopRules | None = None, skip: str = "") -> None:
         self.tok = tok
         self.rules = rules or StopRules()
+        self.skip = skip  # generated text that is not part of the answer (a healed prompt's tail)
         self.token_ids: list[int] = []
         self.text = ""
+        self._generated = ""
         self.finish_reason: str | None = None
         self.stopping_word = ""  # the stop string that ended the text, if one did
         self._pending: list[int] = []
@@ -39,7 +41,10 @@ class TextAssembler:
         if piece.endswith("\ufffd") and len(self._pending) < MAX_PENDING_TOKENS:
             return ""
         self._pending.clear()
-        self.text += piece
+        self._generated += piece
+        if len(self._generated) < len(self.skip):
+            return ""
+        self.text = self._generated[len(self.skip) :]
         end = self.rules.find_end(self.text)
         if end is not None:
             return self._stop_at(end)
@@ -51,8 +56,9 @@ class TextAssembler:
     def finish(self, reason: str) -> str:
         """The model stopped (end-of-text token or length limit): return the rest of the text."""
         if self._pending:
-            self.text += self.tok.decode(self._pending)
+            self._generated += self.tok.decode(self._pending)
             self._pending.clear()
+        self.text = self._generated[len(self.skip) :]
         end = self.rules.find_end(self.text)
         if end is not None:
             return self._stop_at(end)

@@ -21,6 +21,8 @@ class GenerationRequest:
     max_predict_ms: float | None = None
     slot: int | None = None  # a newer request on the same slot cancels this one
     cache_prompt: bool = True  # reuse cached KV of earlier prompts, and offer this one's to later requests
+    # Token healing: text the answer must start with, generated but not returned (the prompt's backed-off tail).
+    required_prefix: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from midfill.engine.assembler import TextAssembler
 from midfill.engine.decode import PREFILL_CHUNK
+from midfill.engine.healing import RequiredPrefix
 from midfill.engine.prefix_cache import PrefixCache
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
 from midfill.engine.sampling import Sampler
@@ -55,6 +56,7 @@ class Sequence:
     first_token_at: float | None = None
     n_sampled: int = 0
     next_token: int = -1  # sampled, to be fed at the next decode step
+    required: RequiredPrefix | None = None  # what a healed prompt's answer must still spell
     finish_reason: str | None = None
 
 
@@ -93,7 +95,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.pending)
+        return sum(not item.request.cancelled.is_set() for item in self.pending)
 
     def start(self) -> None:
         self.running = True
@@ -122,6 +124,7 @@ class Engine:
         with self.wakeup:
             if self.thread is not None and not self.alive:  # started once, stopped since
                 raise EngineUnavailable("the engine is not running")
+            self._drop_cancelled_pending()
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are already waiting")
             if request.slot is not None:
@@ -131,6 +134,14 @@ class Engine:
                 self.slots[request.slot] = request
             self.pending.append(Pending(request, sink))
             self.wakeup.notify()
+
+    def _drop_cancelled_pending(self) -> None:
+        """Answer queued requests whose client has gone, so they stop taking room in the queue."""
+        if any(item.request.cancelled.is_set() for item in self.pending):
+            gone = [item for item in self.pending if item.request.cancelled.is_set()]
+            self.pending = deque(item for item in self.pending if not item.request.cancelled.is_set())
+            for item in gone:
+                self._emit(item.sink, Finished(GenerationResult.empty(item.request, "cancelled")))
 
     # --- the engine thread ---
 
@@ -179,10 +190,11 @@ class Engine:
             seq = Sequence(
                 request=request,
                 sink=item.sink,
-                assembler=TextAssembler(self.tok, request.rules),
+                assembler=TextAssembler(self.tok, request.rules, skip=request.required_prefix),
                 sampler=Sampler(request.sampling, self.model.device),
                 tokens=list(request.prompt_ids),
                 submitted_at=item.submitted_at,
+                required=RequiredPrefix(self.tok, request.required_prefix) if request.required_prefix else None,
             )
         except Exception:
             log.exception("a request could not be admitted")
@@ -238,7 +250,11 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample and accept one row's next token; a failure ends that row alone, not the batch."""
         try:
+            if seq.required is not None and not seq.required.done:
+                logits = seq.required.mask(logits)
             token = int(seq.sampler(logits, seq.seen)[0])
+            if seq.required is not None:
+                seq.required.advance(token)
         except Exception:
             log.exception("sampling failed for one request")
             seq.finish_reason = "error"

@@ -15,6 +15,7 @@ from midfill.errors import MidfillError
 LINE_MODES = ("free", "single-line", "multi-line")
 MAX_STOP_STRINGS = 32  # OpenAI's own limit is 4; each string is searched for after every token
 MAX_STOP_CHARS = 256
+CLOSERS = set(")]}>\"'`;,:.")  # a completion ending in one the suffix starts with has written it twice
 
 
 def indent_of(line: str) -> int:
@@ -26,6 +27,11 @@ def cursor_indent(prefix: str) -> int:
     return indent_of(prefix.rsplit("\n", 1)[-1])
 
 
+def suffix_window(suffix: str) -> str:
+    """The part of the suffix a completion's end is compared with: its first two lines, at most 256 characters."""
+    return "\n".join(suffix.split("\n", 2)[:2])[:MAX_STOP_CHARS]
+
+
 @dataclass(frozen=True)
 class StopRules:
     stop_strings: tuple[str, ...] = ()
@@ -33,6 +39,7 @@ class StopRules:
     stop_at_blank_line: bool = False  # end before a blank line
     min_indent: int | None = None  # end before a non-blank line indented less than this
     trim_trailing_whitespace: bool = False
+    suffix_start: str = ""  # the text after the cursor (its first line or two): an answer's end that repeats it is cut
 
     def __post_init__(self) -> None:
         if len(self.stop_strings) > MAX_STOP_STRINGS:
@@ -43,14 +50,15 @@ class StopRules:
             raise MidfillError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
 
     @classmethod
-    def for_mode(cls, mode: str, cursor_indent: int = 0, stop_strings: tuple[str, ...] = ()) -> "StopRules":
+    def for_mode(cls, mode: str, cursor_indent: int = 0, stop_strings: tuple[str, ...] = (), suffix_start: str = "") -> "StopRules":
         """The rules of a completion mode: free, single-line or multi-line."""
         if mode == "free":
-            return cls(stop_strings)
+            return cls(stop_strings, suffix_start=suffix_start)
         if mode == "single-line":
-            return cls(stop_strings, single_line=True, trim_trailing_whitespace=True)
+            return cls(stop_strings, single_line=True, trim_trailing_whitespace=True, suffix_start=suffix_start)
         if mode == "multi-line":
-            return cls(stop_strings, stop_at_blank_line=True, min_indent=cursor_indent, trim_trailing_whitespace=True)
+            return cls(stop_strings, stop_at_blank_line=True, min_indent=cursor_indent, trim_trailing_whitespace=True,
+                       suffix_start=suffix_start)
         raise MidfillError(f"unknown completion mode {mode!r}; use one of {', '.join(LINE_MODES)}")
 
     @property
@@ -94,7 +102,26 @@ class StopRules:
                 if text.endswith(stop[:k]):
                     safe = min(safe, len(text) - k)
                     break
+        for k in range(min(len(self.suffix_start), len(text)), 0, -1):
+            if text.endswith(self.suffix_start[:k]):  # may turn out to repeat the suffix: wait for the end
+                safe = min(safe, len(text) - k)
+                break
         return safe
 
     def finalize(self, text: str) -> str:
+        text = text[: len(text) - self.suffix_overlap(text)]
         return text.rstrip() if self.trims else text
+
+    def suffix_overlap(self, text: str) -> int:
+        """How many characters at the end of `text` repeat the start of the suffix, so that the
+        editor would show them twice: the rest of the cursor's line (or whole lines), or closing
+        brackets, quotes and punctuation. A shared letter or a word fragment is not cut."""
+        suffix = self.suffix_start
+        for k in range(min(len(suffix), len(text)), 0, -1):
+            overlap = suffix[:k]
+            if not text.endswith(overlap) or not overlap.strip():
+                continue
+            at_line_end = k == len(suffix) or suffix[k] == "\n"
+            if at_line_end or all(ch in CLOSERS or ch in " \t" for ch in overlap):
+                return k
+        return 0

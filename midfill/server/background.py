@@ -33,12 +33,15 @@ def running_server(
     max_body_bytes: int = 8 * 2**20,
     finetune_run: str | None = None,
     allowed_hosts: tuple[str, ...] = (),
+    token_healing: bool = True,
+    cut_suffix_overlap: bool = True,
     **engine_options,
 ) -> Iterator[tuple[str, Engine]]:
     """Yield (base_url, engine) while a uvicorn server runs the app in a background thread."""
     engine = Engine(model, tok, **engine_options)
     settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes, finetune_run=finetune_run,
-                              allowed_hosts=allowed_hosts)
+                              allowed_hosts=allowed_hosts, token_healing=token_healing,
+                              cut_suffix_overlap=cut_suffix_overlap)
     port = free_port()
     server = uvicorn.Server(server_config(create_app(engine, tok, settings), "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)

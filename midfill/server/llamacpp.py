@@ -23,7 +23,7 @@ from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
-from midfill.prompts import fim_prompt
+from midfill.prompts import fim_prompt_healed
 from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
@@ -112,7 +112,9 @@ def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[i
     return extra + ids
 
 
-def generation(body: CompletionRequest, state: ServerState, ids: list[int], reserve: int, rules: StopRules) -> GenerationRequest:
+def generation(
+    body: CompletionRequest, state: ServerState, ids: list[int], reserve: int, rules: StopRules, healed: str = ""
+) -> GenerationRequest:
     n_new = state.ctx - len(ids) if body.n_predict < 0 else reserve
     return GenerationRequest(
         ids,
@@ -123,21 +125,26 @@ def generation(body: CompletionRequest, state: ServerState, ids: list[int], rese
         max_predict_ms=body.t_max_predict_ms or None,
         slot=None if body.id_slot < 0 else body.id_slot,
         cache_prompt=body.cache_prompt,
+        required_prefix=healed,
     )
 
 
-def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> list[int]:
+def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> tuple[list[int], str]:
+    """The FIM prompt's ids, after the extra context, and its healed text."""
     prefix = body.input_prefix + body.prompt if isinstance(body.prompt, str) else body.input_prefix
-    ids = fim_prompt(state.tok, prefix, body.input_suffix, state.settings.fim_order, budget=budget)
-    return with_extra_context(state, body.input_extra, ids, budget)
+    ids, healed = fim_prompt_healed(state.tok, prefix, body.input_suffix, state.settings.fim_order, budget,
+                                    state.settings.token_healing)
+    return with_extra_context(state, body.input_extra, ids, budget), healed
 
 
 @router.post("/infill")
 async def infill(body: InfillRequest, http: Request, state: ServerState = Depends(get_state)):
     reserve = check_predict(body, state.ctx)
-    rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None)
-    ids = await run_in_threadpool(infill_prompt, body, state, state.ctx - reserve)  # tokenizing can take a while
-    return await respond(body, http, state, generation(body, state, ids, reserve, rules), "/infill", truncated=False)
+    rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None,
+                      suffix_start=state.settings.overlap_window(body.input_suffix))
+    ids, healed = await run_in_threadpool(infill_prompt, body, state, state.ctx - reserve)  # tokenizing can take a while
+    request = generation(body, state, ids, reserve, rules, healed)
+    return await respond(body, http, state, request, "/infill", truncated=False)
 
 
 def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) -> tuple[list[int], bool]:

@@ -20,7 +20,7 @@ from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
-from midfill.prompts import ChatMessage, chat_prompt, fim_prompt
+from midfill.prompts import ChatMessage, chat_prompt, fim_prompt_healed
 from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
@@ -126,8 +126,8 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, choice: int) -> Sa
     return SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=seed)
 
 
-def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) -> list[tuple[list[int], str]]:
-    """Token ids and echo text of each prompt in the request."""
+def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) -> list[tuple[list[int], str, str]]:
+    """Token ids, echo text and healed text (what the answer must start with) of each prompt in the request."""
     prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else [body.prompt]
     budget = state.ctx - n_new
     out = []
@@ -135,14 +135,16 @@ def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) 
         if isinstance(prompt, list):
             if any(not 0 <= t < state.tok.vocab_size for t in prompt):
                 raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
-            ids, text = list(prompt), state.tok.decode(prompt)
+            ids, text, healed = list(prompt), state.tok.decode(prompt), ""
         elif body.suffix is not None:
-            ids, text = fim_prompt(state.tok, prompt, body.suffix, state.settings.fim_order, budget=budget), prompt
+            ids, healed = fim_prompt_healed(state.tok, prompt, body.suffix, state.settings.fim_order, budget,
+                                            state.settings.token_healing)
+            text = prompt
         else:
             if len(prompt) > budget * state.tok.max_token_chars:  # too long whatever it tokenizes to
                 raise MidfillError(f"the prompt is over {budget} tokens, the room that max_tokens {n_new} leaves in the "
                                    f"context of {state.ctx} tokens; shorten the prompt or lower max_tokens")
-            ids, text = state.tok.encode_with_special(prompt), prompt
+            ids, text, healed = state.tok.encode_with_special(prompt), prompt, ""
         if not ids:
             raise MidfillError("prompt is empty")
         if len(ids) > budget:
@@ -150,7 +152,7 @@ def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) 
                 f"the prompt is {len(ids)} tokens; with max_tokens {n_new} it exceeds the context of "
                 f"{state.ctx} tokens; shorten the prompt or lower max_tokens"
             )
-        out.append((ids, text))
+        out.append((ids, text, healed))
     return out
 
 
@@ -172,12 +174,13 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
     n_new = max_new_tokens(body, DEFAULT_COMPLETION_TOKENS, state.ctx)
     stops = stop_strings(body.stop)
     prompts = await run_in_threadpool(completion_prompts, state, body, n_new)  # tokenizing can take a while
+    rules = StopRules(stops, suffix_start=state.settings.overlap_window(body.suffix or ""))
     requests = [
-        GenerationRequest(ids, n_new, sampling(body, choice), StopRules(stops), frozenset({state.tok.eot_id}))
-        for ids, _ in prompts
+        GenerationRequest(ids, n_new, sampling(body, choice), rules, frozenset({state.tok.eot_id}), required_prefix=healed)
+        for ids, _, healed in prompts
         for choice in range(body.n)
     ]
-    echo = [text if body.echo else "" for _, text in prompts for _ in range(body.n)]
+    echo = [text if body.echo else "" for _, text, _ in prompts for _ in range(body.n)]
     call = EngineCall(state.engine, state.metrics, "/v1/completions", requests)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.settings.model_name}

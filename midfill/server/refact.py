@@ -19,7 +19,7 @@ from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules, cursor_indent
 from midfill.errors import MidfillError
-from midfill.prompts import fim_prompt
+from midfill.prompts import fim_prompt_healed
 from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
 from midfill.server.state import ServerState, WireModel, get_state
 
@@ -140,15 +140,17 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
     if n_new >= state.ctx:
         raise MidfillError(f"max_new_tokens is {n_new}, but the context is {state.ctx} tokens")
     prefix, suffix = split_at_cursor(body.inputs)
-    ids = await run_in_threadpool(fim_prompt, state.tok, prefix, suffix, state.settings.fim_order, state.ctx - n_new)
+    ids, healed = await run_in_threadpool(fim_prompt_healed, state.tok, prefix, suffix, state.settings.fim_order,
+                                          state.ctx - n_new, state.settings.token_healing)
     mode = "multi-line" if body.inputs.multiline else "single-line"
     request = GenerationRequest(
         ids,
         n_new,
         SamplingParams(temperature=0.2 if params.temperature is None else params.temperature, top_p=params.top_p or 1.0),
-        StopRules.for_mode(mode, cursor_indent(prefix), tuple(s for s in params.stop if s)),
+        StopRules.for_mode(mode, cursor_indent(prefix), tuple(s for s in params.stop if s), state.settings.overlap_window(suffix)),
         frozenset({state.tok.eot_id}),
         cache_prompt=not body.no_cache,
+        required_prefix=healed,
     )
     call = EngineCall(state.engine, state.metrics, "/v1/code-completion", [request])
     base = {"snippet_telemetry_id": next(telemetry_ids), "model": state.settings.model_name, "created": time.time()}

@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
 from midfill.engine.scheduler import Engine
+from midfill.engine.stops import suffix_window
 from midfill.server.metrics import Metrics
 from midfill.tokenizer import Tokenizer
 
@@ -22,6 +23,12 @@ class ServerSettings:
     finetune_run: str | None = None  # a `midfill finetune` output folder whose progress the status page shows
     host: str = "127.0.0.1"  # the address served on; its name is accepted in Host headers
     allowed_hosts: tuple[str, ...] = ()  # more names accepted in Host headers ("*": any)
+    token_healing: bool = True  # FIM prompts ending inside a token are healed (engine/healing.py)
+    cut_suffix_overlap: bool = True  # a FIM answer's end that repeats the suffix's start is cut
+
+    def overlap_window(self, suffix: str) -> str:
+        """The suffix window that completions are compared with, or "" when overlap cutting is off."""
+        return suffix_window(suffix) if self.cut_suffix_overlap else ""
     started: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -1,0 +1,3 @@
+from midfill.cli import app
+
+app()
