@@ -98,3 +98,31 @@ def test_min_indent_alone_does_not_stop_at_blank_lines(refact_tokenizer):
     rules = StopRules(min_indent=4)  # llama.cpp's n_indent
     text, _, _ = run(refact_tokenizer, "a = 1\n\n    b = 2\nc = 3\n", rules)
     assert text == "a = 1\n\n    b = 2"
+
+
+@pytest.mark.parametrize("text, suffix, cut", [
+    ("foo(a, b))", ")\n    return x\n", "foo(a, b)"),  # a closing bracket the suffix already has
+    ('name = "x"', '"\n', 'name = "x'),
+    ("x = 1\n    return x", "    return x\n", "x = 1\n"),  # the next line, written again
+    ("total)", "):\n", "total"),  # closers and punctuation
+    ("a = b", "b + c\n", "a = b"),  # near miss: a shared letter is not a repeat
+    ("print(x", "x)\n", "print(x"),  # near miss: the suffix's start is a word fragment
+    ("retur", "return x\n", "retur"),
+    ("x = 1  ", "  \n", "x = 1  "),  # whitespace alone is never cut
+    ("", ")\n", ""),
+])
+def test_an_answer_that_repeats_the_suffix_start_is_cut(text, suffix, cut):
+    from midfill.engine.stops import suffix_window
+
+    rules = StopRules(suffix_start=suffix_window(suffix))
+    assert rules.finalize(text) == cut
+    assert rules.safe_length(text) <= len(cut)  # streaming never sends what may be cut
+
+
+def test_overlap_cutting_streams_the_same_text(small_tokenizer):
+    from midfill.engine.assembler import TextAssembler
+
+    rules = StopRules(suffix_start=")\n    return x")
+    assembler = TextAssembler(small_tokenizer, rules)
+    streamed = "".join(assembler.push(i) for i in small_tokenizer.encode("foo(a, b))")) + assembler.finish("eos")
+    assert streamed == assembler.text == "foo(a, b)"

@@ -250,10 +250,11 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample and accept one row's next token; a failure ends that row alone, not the batch."""
         try:
-            if seq.required is not None and not seq.required.done:
+            healing = seq.required is not None and not seq.required.done
+            if healing:
                 logits = seq.required.mask(logits)
             token = int(seq.sampler(logits, seq.seen)[0])
-            if seq.required is not None:
+            if healing:
                 seq.required.advance(token)
         except Exception:
             log.exception("sampling failed for one request")
