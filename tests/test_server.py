@@ -282,22 +282,27 @@ def test_non_streaming_disconnect_stops_generation(slow_server):
     assert metric(url, "midfill_cancelled_requests_total") == before + 1
 
 
-def test_newer_request_on_the_same_slot_cancels_the_older(slow_server):
-    url, engine = slow_server
+def test_requests_on_one_slot_run_one_after_another(slow_server):
+    url, engine = slow_server  # as llama.cpp does: the newer request waits; neither is cut short
     results = {}
 
-    def older():
-        results["older"] = httpx.post(url + "/infill", json={"input_prefix": "a", "n_predict": 200, "id_slot": 3}, timeout=30).json()
+    def post(name, body):
+        results[name] = httpx.post(url + "/infill", json=body, timeout=60).json()
 
-    thread = threading.Thread(target=older)
-    thread.start()
+    older = threading.Thread(target=post, args=("older", {"input_prefix": "a", "n_predict": 40, "temperature": 0, "id_slot": 3}))
+    older.start()
     deadline = time.monotonic() + 30
-    while 3 not in engine.slots and time.monotonic() < deadline:  # the older request is in the engine
+    while not engine.active and time.monotonic() < deadline:  # the older request is running
         time.sleep(0.01)
-    newer = httpx.post(url + "/infill", json={"input_prefix": "b", "n_predict": 3, "id_slot": 3}, timeout=30).json()
-    thread.join()
-    assert results["older"]["stop_type"] == "none" and results["older"]["tokens_predicted"] < 200
-    assert newer["tokens_predicted"] == 3
+    newer = threading.Thread(target=post, args=("newer", {"input_prefix": "b", "n_predict": 3, "temperature": 0, "id_slot": 3}))
+    newer.start()
+    while engine.queue_depth == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.queue_depth == 1 and len(engine.active) == 1  # a free row, yet the newer one waits for its slot
+    older.join()
+    newer.join()
+    assert results["older"]["tokens_predicted"] == 40 and results["older"]["stop_type"] == "limit"
+    assert results["newer"]["tokens_predicted"] == 3
 
 
 def test_deadline_t_max_predict_ms(slow_server):

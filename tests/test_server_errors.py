@@ -42,11 +42,10 @@ CASES = [
     ("/v1/completions", b"[1, 2]", 400, "JSON object"),
     ("/v1/completions", b'{"prompt": 5}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": "many"}', 400, "max_tokens"),
-    ("/v1/completions", b'{"prompt": "x", "colour": "red"}', 400, "unknown field 'colour'"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": -5}', 400, "max_tokens"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000000}', 400, "context"),
     ("/v1/completions", b'{"prompt": "x", "temperature": 7}', 400, "temperature"),
-    ("/v1/completions", b'{"prompt": "' + b"word " * 600 + b'"}', 400, "exceeds the context"),
+    ("/v1/completions", b'{"prompt": "' + b"word " * 600 + b'"}', 400, "leaves in the context"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', 400, "role"),
@@ -56,10 +55,12 @@ CASES = [
     ("/infill", b'{"input_prefix": "x", "n_predict": -7}', 400, "n_predict"),
     ("/infill", b'{"input_prefix": "x", "n_predict": 99999}', 400, "context"),
     ("/infill", b'{"input_prefix": "x", "top_p": 3}', 400, "top_p"),
-    ("/infill", b'{"input_prefix": "x", "bogus": 1}', 400, "unknown field 'bogus'"),
+    ("/infill", b'{"input_prefix": "x", "n_predict": -2}', 400, "n_predict"),
     ("/completion", b'{"prompt": ""}', 400, "empty"),
     ("/completion", b'{"prompt": [1, 2, 99999]}', 400, "token ids"),
     ("/v1/code-completion", b'{"inputs": {"sources": {}}}', 400, "inputs.cursor"),
+    ("/v1/code-completion", b'{"inputs": {"sources": {"a": "x"}, "cursor": {"file": "a", "line": 0, "character": 0}, '
+                            b'"multiline": true}, "colour": "red"}', 400, "unknown field 'colour'"),  # Refact stays strict
     ("/v1/code-completion", b'{"inputs": {"sources": {"a": "x"}, "cursor": {"file": "a", "line": -1, "character": 0}, "multiline": true}}', 400, "cursor.line"),
 ]
 
@@ -122,3 +123,21 @@ def test_metrics_exposition(url):
         assert name in text
     assert 'midfill_requests_total{route="/infill",status="200"}' in text
     assert 'status="401"' in text or 'status="400"' in text
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "colour": "red", "samplers": ["min_p"]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "colour": 1}], "max_tokens": 2, "min_p": 0.1}),
+    ("/infill", {"input_prefix": "x", "n_predict": 2, "model": "", "bogus": 1, "input_extra": [{"text": "y", "mood": 2}]}),
+    ("/completion", {"prompt": "x", "n_predict": 2, "n_cmpl": 1}),
+])
+def test_unknown_fields_are_ignored_and_named_where_the_original_is_lenient(url, path, body):
+    response = httpx.post(url + path, json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    named = set(response.headers["x-midfill-ignored-fields"].split(", "))
+    unknown = {k for k in body if k not in ("prompt", "max_tokens", "messages", "input_prefix", "n_predict", "input_extra")}
+    assert unknown <= named
+    if path == "/infill":
+        assert "input_extra.mood" in named
+    if path == "/v1/chat/completions":
+        assert "messages.colour" in named

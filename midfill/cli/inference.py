@@ -208,6 +208,9 @@ def serve(
     suffix_overlap: Annotated[
         bool, typer.Option(help="Cut a FIM answer's end where it repeats the start of the text after the cursor.")
     ] = True,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="Longest answer for a request that does not say (it may ask for more, or -1).")
+    ] = 512,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(min=0, help="Waiting requests beyond which 503 is answered.")] = 64,
     ctx: CtxOpt = None,
@@ -240,7 +243,7 @@ def serve(
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order,
                               finetune_run=str(finetune_run) if finetune_run else None, host=host,
                               allowed_hosts=tuple(allowed_host or ()), token_healing=token_healing,
-                              cut_suffix_overlap=suffix_overlap)  # fmt: skip
+                              cut_suffix_overlap=suffix_overlap, max_new_tokens=max_tokens)  # fmt: skip
     err.print(
         f"midfill: serving {settings.model_name} ({net.num_parameters():,} parameters, "
         f"weights {net.weight_format or net.dtype}, {net.device}, "

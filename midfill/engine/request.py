@@ -19,7 +19,7 @@ class GenerationRequest:
     # llama.cpp's t_max_predict_ms: once this long has passed since the first token and a newline
     # has been generated, stop (an editor would rather have a few lines now than many later).
     max_predict_ms: float | None = None
-    slot: int | None = None  # a newer request on the same slot cancels this one
+    serial_group: int | None = None  # requests of one group run one after another, in the order they came
     cache_prompt: bool = True  # reuse cached KV of earlier prompts, and offer this one's to later requests
     # Token healing: text the answer must start with, generated but not returned (the prompt's backed-off tail).
     required_prefix: str = ""

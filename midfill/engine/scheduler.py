@@ -88,7 +88,6 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.active: list[Sequence] = []
         self.pending: deque[Pending] = deque()
-        self.slots: dict[int, GenerationRequest] = {}
         self.wakeup = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -127,11 +126,6 @@ class Engine:
             self._drop_cancelled_pending()
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are already waiting")
-            if request.slot is not None:
-                previous = self.slots.get(request.slot)
-                if previous is not None:
-                    previous.cancel()
-                self.slots[request.slot] = request
             self.pending.append(Pending(request, sink))
             self.wakeup.notify()
 
@@ -144,6 +138,24 @@ class Engine:
                 self._emit(item.sink, Finished(GenerationResult.empty(item.request, "cancelled")))
 
     # --- the engine thread ---
+
+    def _next_admissions(self) -> list[Pending]:
+        """Take queued requests in order while rows are free, skipping (for now) those whose serial
+        group already runs or was skipped: a group's requests run one after another."""
+        room = self.max_batch - len(self.active)
+        busy = {seq.request.serial_group for seq in self.active} - {None}
+        admitted, waiting = [], deque()
+        while self.pending:
+            item = self.pending.popleft()
+            group = item.request.serial_group
+            if len(admitted) < room and (group is None or group not in busy):
+                admitted.append(item)
+            else:
+                waiting.append(item)
+            if group is not None:
+                busy.add(group)
+        self.pending = waiting
+        return admitted
 
     @property
     def alive(self) -> bool:
@@ -158,8 +170,7 @@ class Engine:
                         self.wakeup.wait()
                     if not self.running:
                         break
-                    room = self.max_batch - len(self.active)
-                    admitted = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+                    admitted = self._next_admissions()
                 try:
                     self._iterate(admitted)
                 except Exception:  # a bug must fail the requests it touched, never the thread
@@ -302,8 +313,6 @@ class Engine:
                     self._emit(seq.sink, TextDelta(delta))
             self._remember(seq, row)
             self._emit(seq.sink, Finished(self._result(seq)))
-            if self.slots.get(seq.request.slot) is seq.request:
-                del self.slots[seq.request.slot]
             last = len(self.active) - 1
             if row != last:
                 n = int(self.slab.lengths[last])
@@ -318,9 +327,7 @@ class Engine:
         for seq in self.active:
             seq.finish_reason = "error"
             self._emit(seq.sink, Finished(self._result(seq)))
-        failed = {id(seq.request) for seq in self.active}
         self.active.clear()
-        self.slots = {slot: r for slot, r in self.slots.items() if id(r) not in failed}
 
     def _remember(self, seq: Sequence, row: int) -> None:
         n = int(self.slab.lengths[row])

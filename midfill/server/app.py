@@ -20,6 +20,7 @@ from midfill.errors import MidfillError
 from midfill.server import llamacpp, openai, refact, ui
 from midfill.server.bridge import ClientGone
 from midfill.server.guards import ApiKeyCheck, HeadAsGet, HostCheck
+from midfill.server.lenient import NameIgnoredFields
 from midfill.server.metrics import Metrics
 from midfill.server.state import ServerSettings, ServerState
 from midfill.tokenizer import Tokenizer
@@ -179,6 +180,7 @@ def create_app(engine: Engine, tok: Tokenizer, settings: ServerSettings) -> Fast
         return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}")
 
     # the last added runs first: count everything, then Host, HEAD, key, size, and only then a route
+    app.add_middleware(NameIgnoredFields)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyCheck, key=settings.api_key, respond=error_response)
     app.add_middleware(HeadAsGet)

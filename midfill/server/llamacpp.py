@@ -6,8 +6,10 @@ Differences from llama.cpp, on purpose:
 - `input_extra` chunks go before the FIM prompt as "\\n\\n--- snippet ---\\n\\n{text}", llama.cpp's
   format for models without repository tokens; the oldest chunks are dropped first to fit.
 - `tokens_cached` counts prompt tokens whose KV was reused from earlier requests.
-- Sampling options other than temperature, top_k, top_p, repeat_penalty and seed are accepted
-  and ignored; `n_probs` > 0 is refused.
+- Fields midfill does not use (other samplers, `model`, `n_cmpl`, ...) are ignored and named in
+  the `X-Midfill-Ignored-Fields` header (server/lenient.py); `n_probs` > 0 is refused.
+- Requests on one `id_slot` run one after another, as in llama.cpp; they share the prefix cache
+  with every other request rather than one slot's KV.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt_healed
 from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
-from midfill.server.state import ServerState, WireModel, get_state
+from midfill.server.budget import answer_length, prompt_budget
+from midfill.server.lenient import LenientModel, note_unknown_fields
+from midfill.server.state import ServerState, get_state
 
 router = APIRouter()
 SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"
-INFINITE_PREDICT_RESERVE = 256  # room kept for the answer when n_predict is -1
 
 
 def error_body(status: int, message: str) -> dict:
@@ -38,9 +41,9 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"code": status, "message": message, "type": kind}}
 
 
-class CompletionRequest(WireModel):
+class CompletionRequest(LenientModel):
     prompt: str | list[int] = ""
-    n_predict: int = Field(-1, ge=-1)
+    n_predict: int | None = Field(None, ge=-1)  # -1: until the context ends; None: up to --max-tokens
     temperature: float = Field(0.8, ge=0, le=10)
     top_k: int = Field(40, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -49,34 +52,14 @@ class CompletionRequest(WireModel):
     stop: list[str] = []
     stream: bool = False
     cache_prompt: bool = True
-    id_slot: int = -1
+    id_slot: int = -1  # requests on one slot run one after another, as in llama.cpp
     n_indent: int = Field(0, ge=0)
     t_max_predict_ms: int = Field(0, ge=0)
     response_fields: list[str] | None = None
     n_probs: int = 0
-    # accepted and ignored (llama.cpp sampler settings midfill does not implement)
-    t_max_prompt_ms: int | None = None
-    samplers: list[str] | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repeat_last_n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    n_keep: int | None = None
-    min_keep: int | None = None
-    ignore_eos: bool | None = None
-    dynatemp_range: float | None = None
-    dynatemp_exponent: float | None = None
-    timings_per_token: bool | None = None
-    return_tokens: bool | None = None
-    post_sampling_probs: bool | None = None
-    lora: list[dict[str, Any]] | None = None
 
 
-class ExtraChunk(WireModel):
+class ExtraChunk(LenientModel):
     text: str
     filename: str = "tmp"
     time: Any = None  # llama.vim sends when it saw the chunk
@@ -94,12 +77,6 @@ def sampling(body: CompletionRequest) -> SamplingParams:
     return SamplingParams(body.temperature, body.top_k, body.top_p, body.repeat_penalty, None if body.seed < 0 else body.seed)
 
 
-def check_predict(body: CompletionRequest, ctx: int) -> int:
-    if body.n_predict >= ctx:
-        raise MidfillError(f"n_predict is {body.n_predict}, but the context is {ctx} tokens")
-    return INFINITE_PREDICT_RESERVE if body.n_predict < 0 else body.n_predict
-
-
 def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[int], budget: int) -> list[int]:
     extra: list[int] = []
     for chunk in reversed(chunks):  # the newest chunks are last; keep those
@@ -112,18 +89,15 @@ def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[i
     return extra + ids
 
 
-def generation(
-    body: CompletionRequest, state: ServerState, ids: list[int], reserve: int, rules: StopRules, healed: str = ""
-) -> GenerationRequest:
-    n_new = state.ctx - len(ids) if body.n_predict < 0 else reserve
+def generation(body: CompletionRequest, state: ServerState, ids: list[int], rules: StopRules, healed: str = "") -> GenerationRequest:
     return GenerationRequest(
         ids,
-        n_new,
+        answer_length(body.n_predict, len(ids), state.ctx, state.settings.max_new_tokens),
         sampling(body),
         rules,
         frozenset({state.tok.eot_id}),
         max_predict_ms=body.t_max_predict_ms or None,
-        slot=None if body.id_slot < 0 else body.id_slot,
+        serial_group=None if body.id_slot < 0 else body.id_slot,
         cache_prompt=body.cache_prompt,
         required_prefix=healed,
     )
@@ -139,12 +113,12 @@ def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> tuple
 
 @router.post("/infill")
 async def infill(body: InfillRequest, http: Request, state: ServerState = Depends(get_state)):
-    reserve = check_predict(body, state.ctx)
+    note_unknown_fields(http, body, state.logged_fields)
+    budget = prompt_budget(body.n_predict, state.ctx, "n_predict")
     rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None,
                       suffix_start=state.settings.overlap_window(body.input_suffix))
-    ids, healed = await run_in_threadpool(infill_prompt, body, state, state.ctx - reserve)  # tokenizing can take a while
-    request = generation(body, state, ids, reserve, rules, healed)
-    return await respond(body, http, state, request, "/infill", truncated=False)
+    ids, healed = await run_in_threadpool(infill_prompt, body, state, budget)  # tokenizing can take a while
+    return await respond(body, http, state, generation(body, state, ids, rules, healed), "/infill", truncated=False)
 
 
 def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) -> tuple[list[int], bool]:
@@ -166,10 +140,11 @@ def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) 
 @router.post("/completion")
 @router.post("/completions")
 async def completion(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
-    reserve = check_predict(body, state.ctx)
+    note_unknown_fields(http, body, state.logged_fields)
+    budget = prompt_budget(body.n_predict, state.ctx, "n_predict")
     rules = StopRules(tuple(s for s in body.stop if s))
-    ids, truncated = await run_in_threadpool(completion_prompt, body, state, state.ctx - reserve)
-    return await respond(body, http, state, generation(body, state, ids, reserve, rules), "/completion", truncated)
+    ids, truncated = await run_in_threadpool(completion_prompt, body, state, budget)
+    return await respond(body, http, state, generation(body, state, ids, rules), "/completion", truncated)
 
 
 def final_body(body: CompletionRequest, state: ServerState, result: GenerationResult, truncated: bool, content: str) -> dict:
@@ -186,7 +161,7 @@ def final_body(body: CompletionRequest, state: ServerState, result: GenerationRe
         "model": state.settings.model_name,
         "tokens_predicted": result.completion_tokens,
         "tokens_evaluated": result.prompt_tokens,
-        "generation_settings": {"n_predict": body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
+        "generation_settings": {"n_predict": -1 if body.n_predict is None else body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
                                 "top_p": body.top_p, "seed": body.seed, "n_ctx": state.ctx},
         "has_new_line": "\n" in result.text,
         "truncated": truncated,

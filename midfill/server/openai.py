@@ -22,11 +22,11 @@ from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt_healed
 from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
-from midfill.server.state import ServerState, WireModel, get_state
+from midfill.server.budget import answer_length, prompt_budget
+from midfill.server.lenient import LenientModel, note_unknown_fields
+from midfill.server.state import ServerState, get_state
 
 router = APIRouter()
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_CHAT_TOKENS = 512
 
 
 def error_body(status: int, message: str) -> dict:
@@ -36,12 +36,22 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-class CompletionRequest(WireModel):
+class LlamaCppExtensions(LenientModel):
+    """llama.cpp's own fields, which its clients send to these routes too, and which midfill honours."""
+
+    n_predict: int | None = Field(None, ge=-1)  # used when max_tokens is not given
+    top_k: int = Field(0, ge=0)
+    repeat_penalty: float = Field(1.0, gt=0)
+    cache_prompt: bool = True
+    id_slot: int = -1  # requests on one slot run one after another
+
+
+class CompletionRequest(LlamaCppExtensions):
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = ""
     suffix: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)  # what newer refact-lsp sends
+    max_tokens: int | None = Field(None, ge=-1)  # -1: until the context ends, as llama.cpp; None: up to --max-tokens
+    max_completion_tokens: int | None = Field(None, ge=-1)  # what newer refact-lsp sends
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
@@ -60,12 +70,12 @@ class CompletionRequest(WireModel):
     meta: dict | None = None  # refact-lsp's request metadata
 
 
-class ContentPart(WireModel):
+class ContentPart(LenientModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessageIn(WireModel):
+class ChatMessageIn(LenientModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -76,11 +86,11 @@ class ChatMessageIn(WireModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(WireModel):
+class ChatCompletionRequest(LlamaCppExtensions):
     model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=-1)
+    max_completion_tokens: int | None = Field(None, ge=-1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
@@ -112,24 +122,30 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def max_new_tokens(body: CompletionRequest | ChatCompletionRequest, default: int, ctx: int) -> int:
-    value = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    value = default if value is None else value
-    if value >= ctx:
-        raise MidfillError(f"max_tokens is {value}, but the context is {ctx} tokens; ask for fewer")
-    return value
+def requested_tokens(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """The answer length asked for (None: left open), under whichever name the client used."""
+    for value in (body.max_completion_tokens, body.max_tokens, body.n_predict):
+        if value is not None:
+            return value
+    return None
+
+
+def generation(state: ServerState, body: CompletionRequest | ChatCompletionRequest, ids: list[int], choice: int,
+               rules: StopRules, stop_ids: frozenset[int], healed: str = "") -> GenerationRequest:
+    n_new = answer_length(requested_tokens(body), len(ids), state.ctx, state.settings.max_new_tokens)
+    return GenerationRequest(ids, n_new, sampling(body, choice), rules, stop_ids, cache_prompt=body.cache_prompt,
+                             serial_group=None if body.id_slot < 0 else body.id_slot, required_prefix=healed)
 
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, choice: int) -> SamplingParams:
     seed = None if body.seed is None else body.seed + choice  # n samples must differ, yet repeat
     temperature = 1.0 if body.temperature is None else body.temperature
-    return SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=seed)
+    return SamplingParams(temperature, body.top_k, 1.0 if body.top_p is None else body.top_p, body.repeat_penalty, seed)
 
 
-def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) -> list[tuple[list[int], str, str]]:
+def completion_prompts(state: ServerState, body: CompletionRequest, budget: int) -> list[tuple[list[int], str, str]]:
     """Token ids, echo text and healed text (what the answer must start with) of each prompt in the request."""
     prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else [body.prompt]
-    budget = state.ctx - n_new
     out = []
     for prompt in prompts:
         if isinstance(prompt, list):
@@ -142,14 +158,14 @@ def completion_prompts(state: ServerState, body: CompletionRequest, n_new: int) 
             text = prompt
         else:
             if len(prompt) > budget * state.tok.max_token_chars:  # too long whatever it tokenizes to
-                raise MidfillError(f"the prompt is over {budget} tokens, the room that max_tokens {n_new} leaves in the "
+                raise MidfillError(f"the prompt is over {budget} tokens, the room that max_tokens leaves in the "
                                    f"context of {state.ctx} tokens; shorten the prompt or lower max_tokens")
             ids, text, healed = state.tok.encode_with_special(prompt), prompt, ""
         if not ids:
             raise MidfillError("prompt is empty")
         if len(ids) > budget:
             raise MidfillError(
-                f"the prompt is {len(ids)} tokens; with max_tokens {n_new} it exceeds the context of "
+                f"the prompt is {len(ids)} tokens, over the {budget} that max_tokens leaves in the context of "
                 f"{state.ctx} tokens; shorten the prompt or lower max_tokens"
             )
         out.append((ids, text, healed))
@@ -171,15 +187,12 @@ def usage(results: list[GenerationResult]) -> dict:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     reject_unsupported(body)
-    n_new = max_new_tokens(body, DEFAULT_COMPLETION_TOKENS, state.ctx)
-    stops = stop_strings(body.stop)
-    prompts = await run_in_threadpool(completion_prompts, state, body, n_new)  # tokenizing can take a while
-    rules = StopRules(stops, suffix_start=state.settings.overlap_window(body.suffix or ""))
-    requests = [
-        GenerationRequest(ids, n_new, sampling(body, choice), rules, frozenset({state.tok.eot_id}), required_prefix=healed)
-        for ids, _, healed in prompts
-        for choice in range(body.n)
-    ]
+    note_unknown_fields(http, body, state.logged_fields)
+    budget = prompt_budget(requested_tokens(body), state.ctx)
+    rules = StopRules(stop_strings(body.stop), suffix_start=state.settings.overlap_window(body.suffix or ""))
+    prompts = await run_in_threadpool(completion_prompts, state, body, budget)  # tokenizing can take a while
+    stop_ids = frozenset({state.tok.eot_id})
+    requests = [generation(state, body, ids, choice, rules, stop_ids, healed) for ids, _, healed in prompts for choice in range(body.n)]
     echo = [text if body.echo else "" for _, text, _ in prompts for _ in range(body.n)]
     call = EngineCall(state.engine, state.metrics, "/v1/completions", requests)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -220,11 +233,12 @@ def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     reject_unsupported(body)
-    n_new = max_new_tokens(body, min(DEFAULT_CHAT_TOKENS, state.ctx // 2), state.ctx)
-    ids = await run_in_threadpool(chat_prompt, state.tok, chat_messages(body), state.ctx - n_new)
-    stop_ids = frozenset({state.tok.eot_id, state.tok.empty_output_id})
+    note_unknown_fields(http, body, state.logged_fields)
+    budget = prompt_budget(requested_tokens(body), state.ctx)
     rules = StopRules(stop_strings(body.stop), trim_trailing_whitespace=True)
-    requests = [GenerationRequest(ids, n_new, sampling(body, c), rules, stop_ids) for c in range(body.n)]
+    ids = await run_in_threadpool(chat_prompt, state.tok, chat_messages(body), budget)
+    stop_ids = frozenset({state.tok.eot_id, state.tok.empty_output_id})
+    requests = [generation(state, body, ids, choice, rules, stop_ids) for choice in range(body.n)]
     call = EngineCall(state.engine, state.metrics, "/v1/chat/completions", requests)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.settings.model_name}
 

@@ -25,6 +25,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # more names accepted in Host headers ("*": any)
     token_healing: bool = True  # FIM prompts ending inside a token are healed (engine/healing.py)
     cut_suffix_overlap: bool = True  # a FIM answer's end that repeats the suffix's start is cut
+    max_new_tokens: int = 512  # the answer's cap when a request leaves its length open
 
     def overlap_window(self, suffix: str) -> str:
         """The suffix window that completions are compared with, or "" when overlap cutting is off."""
@@ -38,6 +39,7 @@ class ServerState:
     tok: Tokenizer
     metrics: Metrics
     settings: ServerSettings
+    logged_fields: set[tuple[str, str]] = field(default_factory=set)  # (route, ignored field) already logged
 
     @property
     def ctx(self) -> int:
