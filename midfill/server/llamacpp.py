@@ -57,6 +57,7 @@ class CompletionRequest(LenientModel):
     t_max_predict_ms: int = Field(0, ge=0)
     response_fields: list[str] | None = None
     n_probs: int = 0
+    n_cmpl: int = Field(1, ge=1, le=16)  # completions of the one prompt: more than one answer as a list
 
 
 class ExtraChunk(LenientModel):
@@ -71,10 +72,11 @@ class InfillRequest(CompletionRequest):
     input_extra: list[ExtraChunk] = []
 
 
-def sampling(body: CompletionRequest) -> SamplingParams:
+def sampling(body: CompletionRequest, index: int) -> SamplingParams:
     if body.n_probs > 0:
         raise MidfillError("n_probs is not supported by this server; leave it at 0")
-    return SamplingParams(body.temperature, body.top_k, body.top_p, body.repeat_penalty, None if body.seed < 0 else body.seed)
+    seed = None if body.seed < 0 else body.seed + index  # several completions must differ, yet repeat
+    return SamplingParams(body.temperature, body.top_k, body.top_p, body.repeat_penalty, seed)
 
 
 def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[int], budget: int) -> list[int]:
@@ -89,18 +91,22 @@ def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[i
     return extra + ids
 
 
-def generation(body: CompletionRequest, state: ServerState, ids: list[int], rules: StopRules, healed: str = "") -> GenerationRequest:
-    return GenerationRequest(
-        ids,
-        answer_length(body.n_predict, len(ids), state.ctx, state.settings.max_new_tokens),
-        sampling(body),
-        rules,
-        frozenset({state.tok.eot_id}),
-        max_predict_ms=body.t_max_predict_ms or None,
-        serial_group=None if body.id_slot < 0 else body.id_slot,
-        cache_prompt=body.cache_prompt,
-        required_prefix=healed,
-    )
+def generations(body: CompletionRequest, state: ServerState, ids: list[int], rules: StopRules, healed: str = "") -> list[GenerationRequest]:
+    """The n_cmpl generations of one prompt; only the first waits for its slot (llama.cpp gives each its own)."""
+    return [
+        GenerationRequest(
+            ids,
+            answer_length(body.n_predict, len(ids), state.ctx, state.settings.max_new_tokens),
+            sampling(body, index),
+            rules,
+            frozenset({state.tok.eot_id}),
+            max_predict_ms=body.t_max_predict_ms or None,
+            serial_group=None if body.id_slot < 0 or index > 0 else body.id_slot,
+            cache_prompt=body.cache_prompt,
+            required_prefix=healed,
+        )
+        for index in range(body.n_cmpl)
+    ]
 
 
 def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> tuple[list[int], str]:
@@ -118,7 +124,7 @@ async def infill(body: InfillRequest, http: Request, state: ServerState = Depend
     rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None,
                       suffix_start=state.settings.overlap_window(body.input_suffix))
     ids, healed = await run_in_threadpool(infill_prompt, body, state, budget)  # tokenizing can take a while
-    return await respond(body, http, state, generation(body, state, ids, rules, healed), "/infill", truncated=False)
+    return await respond(body, http, state, generations(body, state, ids, rules, healed), "/infill", truncated=False)
 
 
 def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) -> tuple[list[int], bool]:
@@ -144,16 +150,17 @@ async def completion(body: CompletionRequest, http: Request, state: ServerState 
     budget = prompt_budget(body.n_predict, state.ctx, "n_predict")
     rules = StopRules(tuple(s for s in body.stop if s))
     ids, truncated = await run_in_threadpool(completion_prompt, body, state, budget)
-    return await respond(body, http, state, generation(body, state, ids, rules), "/completion", truncated)
+    return await respond(body, http, state, generations(body, state, ids, rules), "/completion", truncated)
 
 
-def final_body(body: CompletionRequest, state: ServerState, result: GenerationResult, truncated: bool, content: str) -> dict:
+def final_body(body: CompletionRequest, state: ServerState, result: GenerationResult, truncated: bool, content: str,
+               index: int = 0) -> dict:
     stop_type = {"eos": "eos", "length": "limit", "time": "limit", "cancelled": "none"}.get(
         result.finish_reason, "word" if result.stopping_word else "limit"
     )
     prompt_n = result.prompt_tokens - result.cached_tokens
     return {
-        "index": 0,
+        "index": index,
         "content": content,
         "tokens": [],
         "id_slot": body.id_slot,
@@ -197,24 +204,25 @@ def pick_fields(data: dict, paths: list[str] | None) -> dict:
     return picked
 
 
-async def respond(body: CompletionRequest, http: Request, state: ServerState, request: GenerationRequest, route: str, truncated: bool):
-    call = EngineCall(state.engine, state.metrics, route, [request])
+async def respond(body: CompletionRequest, http: Request, state: ServerState, requests: list[GenerationRequest], route: str,
+                  truncated: bool):
+    call = EngineCall(state.engine, state.metrics, route, requests)
     if body.stream:
         async def stream():
-            async for _, event in call.events():
+            async for index, event in call.events():
                 if isinstance(event, Finished) and event.result.finish_reason == "error":
                     yield sse_event(error_body(500, ENGINE_FAILED))  # what llama.cpp streams when a slot fails
                 elif isinstance(event, Finished):
-                    final = final_body(body, state, event.result, truncated, "")
+                    final = final_body(body, state, event.result, truncated, "", index)
                     yield sse_event(pick_fields(final, body.response_fields))
                 else:
-                    yield sse_event({"index": 0, "content": event.text, "tokens": [], "stop": False, "id_slot": body.id_slot})
+                    yield sse_event({"index": index, "content": event.text, "tokens": [], "stop": False, "id_slot": body.id_slot})
 
         return EventStream(call, stream())
 
     results = await call.finished(http)
-    result = results[0]
-    return pick_fields(final_body(body, state, result, truncated, result.text), body.response_fields)
+    finals = [pick_fields(final_body(body, state, r, truncated, r.text, i), body.response_fields) for i, r in enumerate(results)]
+    return finals[0] if len(finals) == 1 else finals
 
 
 @router.get("/health")
