@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from midfill.engine import Sampler, SamplingParams
-from midfill.engine.decode import decode_steps
+from midfill.engine.request import GenerationRequest
+from midfill.engine.scheduler import Engine
 from midfill.kernels import native
 from midfill.kernels.huge_pages import huge_page_bytes
 from midfill.model import GPTRefactForCausalLM, RefactConfig
@@ -95,12 +95,12 @@ def measure(fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, 
     weight_bytes = weight_bytes_per_token(model)
     bandwidth = Bandwidth()
     bandwidth.measure(passes=2)  # warm both readers
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens))
-    sampler = Sampler(SamplingParams(), model.device)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_tokens,)).tolist()
+    engine = Engine(model, None, max_batch=1, prefix_cache_mb=0)  # the serving engine, stepped from here
+    engine.submit(GenerationRequest(prompt, new_tokens + 1, stop_ids=frozenset(), cache_prompt=False), lambda event: None)
 
     start = time.perf_counter()
-    steps = decode_steps(model, prompt, new_tokens + 1, sampler)
-    next(steps)
+    engine.step()  # the admitting turn: prefill and the first token
     ttft = time.perf_counter() - start
     per_round = max(1, new_tokens // rounds)
     fractions, readings, decode_seconds, decoded = [], [], 0.0, 0
@@ -109,7 +109,7 @@ def measure(fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, 
         n = min(per_round, new_tokens - decoded)
         start = time.perf_counter()
         for _ in range(n):
-            next(steps)
+            engine.step()
         elapsed = time.perf_counter() - start
         decode_seconds, decoded = decode_seconds + elapsed, decoded + n
         fractions.append((n / elapsed) / (readings[-1] / weight_bytes))

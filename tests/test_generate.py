@@ -5,7 +5,7 @@ import torch
 
 import midfill
 from midfill.engine import StopRules, TextAssembler, stream_text
-from midfill.engine import decode as decode_module
+from midfill.engine import sequence as sequence_module
 from midfill.errors import MidfillError
 from tests.helpers import tiny_model
 
@@ -32,7 +32,7 @@ def test_cached_greedy_equals_full_passes(model):
 def test_chunked_prefill_equals_single_pass(model, monkeypatch):
     prompt = list(range(1, 60))
     whole = midfill.generate(model, prompt, max_new_tokens=8, stop_ids=[])
-    monkeypatch.setattr(decode_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(sequence_module, "PREFILL_CHUNK", 7)
     assert midfill.generate(model, prompt, max_new_tokens=8, stop_ids=[]) == whole
 
 

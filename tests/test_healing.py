@@ -65,7 +65,7 @@ def test_the_assembler_drops_the_healed_text_before_applying_stop_rules(small_to
 
 
 def test_the_engine_spells_the_healed_text_first_and_answers_without_it(small_tokenizer, monkeypatch):
-    import midfill.engine.scheduler as scheduler
+    import midfill.engine.sequence as sequence
 
     spelled: list[bytes] = []
 
@@ -79,7 +79,7 @@ def test_the_engine_spells_the_healed_text_first_and_answers_without_it(small_to
             spelled[self.index] += self.tok.token_bytes(token)
             super().advance(token)
 
-    monkeypatch.setattr(scheduler, "RequiredPrefix", Recording)
+    monkeypatch.setattr(sequence, "RequiredPrefix", Recording)
     engine = Engine(tiny_model(seed=3), small_tokenizer, max_batch=4)
     engine.start()
     try:

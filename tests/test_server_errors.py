@@ -129,7 +129,7 @@ def test_metrics_exposition(url):
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "colour": "red", "samplers": ["min_p"]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "colour": 1}], "max_tokens": 2, "min_p": 0.1}),
     ("/infill", {"input_prefix": "x", "n_predict": 2, "model": "", "bogus": 1, "input_extra": [{"text": "y", "mood": 2}]}),
-    ("/completion", {"prompt": "x", "n_predict": 2, "n_cmpl": 1}),
+    ("/completion", {"prompt": "x", "n_predict": 2, "mirostat": 2}),
 ])
 def test_unknown_fields_are_ignored_and_named_where_the_original_is_lenient(url, path, body):
     response = httpx.post(url + path, json=body, headers=AUTH)

@@ -1,4 +1,9 @@
-"""Autoregressive generation with a KV cache: chunked prefill, then one-token decode steps."""
+"""`generate` and `stream_text`: the library's calls, run by the same engine that serves requests.
+
+Each call makes an engine that is not started (no thread, no prefix cache) sized to its rows,
+queues one request per row and drives it to the end in the caller's thread, so the library,
+the CLI, the evaluation and the server share one prefill, one decode loop and one sampler.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,15 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from midfill.engine.assembler import TextAssembler
-from midfill.engine.sampling import Sampler, SamplingParams
+from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
+from midfill.engine.sampling import SamplingParams
+from midfill.engine.scheduler import Engine
 from midfill.errors import MidfillError
-from midfill.model import GPTRefactForCausalLM, KVCache
-from midfill.model.decode_step import decode_one
-
-# Prefill in slices so the attention bias of a long prompt stays small ([T*H, S] floats per slice).
-PREFILL_CHUNK = 512
+from midfill.model import GPTRefactForCausalLM
 
 
-def as_batch(input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+def as_batch(input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2 or ids.shape[1] == 0:
@@ -25,47 +28,16 @@ def as_batch(input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], 
     return ids
 
 
-@torch.inference_mode()
-def decode_steps(
-    model: GPTRefactForCausalLM,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    sampler: Sampler,
-    attention_mask: torch.Tensor | None = None,
-    repetition_penalty: bool = False,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token ids [B] of every row, step after step, up to max_new_tokens steps.
+def local_engine(model: GPTRefactForCausalLM, rows: int, tok=None) -> Engine:
+    return Engine(model, tok, max_batch=rows, max_queue=rows, prefix_cache_mb=0)
 
-    The caller decides when a row is finished and stops iterating when all are.
-    """
-    batch, n_prompt = input_ids.shape
-    context = model.config.n_positions
-    if n_prompt + max_new_tokens > context:
+
+def check_room(model: GPTRefactForCausalLM, n_prompt: int, max_new_tokens: int) -> None:
+    if n_prompt + max_new_tokens > model.config.n_positions:
         raise MidfillError(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's context of "
-            f"{context}; shorten the prompt or ask for fewer tokens"
+            f"{model.config.n_positions}; shorten the prompt or ask for fewer tokens"
         )
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    mask = torch.cat([attention_mask.to(input_ids.device).long(), input_ids.new_ones(batch, max_new_tokens)], dim=1)
-    cache = KVCache.allocate(model.config, batch, n_prompt + max_new_tokens, model.dtype, model.device)
-    seen = None
-    if repetition_penalty:
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=input_ids.device)
-        seen.scatter_(1, input_ids, attention_mask.bool().to(input_ids.device))
-
-    for start in range(0, n_prompt, PREFILL_CHUNK):
-        end = min(start + PREFILL_CHUNK, n_prompt)
-        logits = model(input_ids[:, start:end], attention_mask=mask[:, :end], cache=cache)[:, -1]
-    rows = torch.arange(batch, device=input_ids.device)
-    for step in range(max_new_tokens):
-        next_ids = sampler(logits, seen)
-        yield next_ids
-        if step == max_new_tokens - 1:
-            return
-        if seen is not None:
-            seen[rows, next_ids] = True
-        logits = decode_one(model, next_ids, cache, mask[:, : cache.span + 1])
 
 
 def generate(
@@ -84,23 +56,21 @@ def generate(
 
     A row ends at a stop id (default: the config's eos_token_id), which is not included, or
     after max_new_tokens. Batches may be left-padded, with attention_mask marking real tokens.
+    Row i samples with seed + i, so a seeded batch repeats.
     """
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    ids = as_batch(input_ids, model.device)
-    stops = set(stop_ids) if stop_ids is not None else {model.config.eos_token_id}
-    outputs: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    finished = [False] * ids.shape[0]
-    sampler = Sampler(params, model.device)
-    for step in decode_steps(model, ids, max_new_tokens, sampler, attention_mask, repetition_penalty != 1.0):
-        for row, token in enumerate(step.tolist()):
-            if finished[row]:
-                continue
-            if token in stops:
-                finished[row] = True
-            else:
-                outputs[row].append(token)
-        if all(finished):
-            break
+    ids = as_batch(input_ids)
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+    check_room(model, ids.shape[1], max_new_tokens)
+    stops = frozenset(stop_ids if stop_ids is not None else {model.config.eos_token_id})
+    engine = local_engine(model, ids.shape[0])
+    results: list[GenerationResult | None] = [None] * ids.shape[0]
+    for row in range(ids.shape[0]):
+        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, None if seed is None else seed + row)
+        prompt = ids[row][mask[row].bool()].tolist()  # ALiBi: a left-padded row is the same as the unpadded one
+        engine.submit(GenerationRequest(prompt, max_new_tokens, sampling, stop_ids=stops, cache_prompt=False),
+                      lambda event, row=row: results.__setitem__(row, event.result) if isinstance(event, Finished) else None)
+    engine.drive()
+    outputs = [result.token_ids for result in results]
     return outputs[0] if len(outputs) == 1 else outputs
 
 
@@ -113,16 +83,14 @@ def stream_text(
     stop_ids: Iterable[int] | None = None,
 ) -> Iterator[str]:
     """Yield text deltas of one completion as they become final; `assembler` holds the result."""
-    stops = set(stop_ids) if stop_ids is not None else {model.config.eos_token_id}
-    sampler = Sampler(sampling, model.device)
-    ids = as_batch(prompt_ids, model.device)
-    for step in decode_steps(model, ids, max_new_tokens, sampler, repetition_penalty=sampling.repetition_penalty != 1.0):
-        token = int(step[0])
-        delta = assembler.finish("stop") if token in stops else assembler.push(token)
-        if delta:
-            yield delta
-        if assembler.done:
-            return
-    delta = assembler.finish("length")
-    if delta:
-        yield delta
+    prompt = as_batch(prompt_ids)[0].tolist()
+    check_room(model, len(prompt), max_new_tokens)
+    stops = frozenset(stop_ids if stop_ids is not None else {model.config.eos_token_id})
+    engine = local_engine(model, 1, assembler.tok)
+    deltas: list[str] = []
+    engine.submit(GenerationRequest(prompt, max_new_tokens, sampling, assembler.rules, stops, cache_prompt=False),
+                  lambda event: deltas.append(event.text) if isinstance(event, TextDelta) else None, assembler=assembler)
+    while engine.pending or engine.active:
+        engine.step()
+        yield from deltas
+        deltas.clear()

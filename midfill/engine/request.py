@@ -40,6 +40,7 @@ class GenerationResult:
     predicted_ms: float
     ttft_ms: float = 0.0  # from submission to the first sampled token
     stopping_word: str = ""  # the stop string that ended the text, if one did
+    token_ids: list[int] = field(default_factory=list)  # the generated ids, without the stop id
 
     @classmethod
     def empty(cls, request: "GenerationRequest", reason: str) -> "GenerationResult":

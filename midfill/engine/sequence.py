@@ -1,0 +1,163 @@
+"""One request's life: prefill from an optional cached prefix, then sample, stop and assemble text.
+
+A Sequence owns everything about one generation but the KV memory and the batch it decodes in,
+which the Engine (scheduler.py) owns: every generation midfill runs, from the server, the CLI,
+`generate()`, the evaluation or a finetune's report, goes through this one path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from midfill.engine.assembler import TextAssembler
+from midfill.engine.healing import RequiredPrefix
+from midfill.engine.prefix_cache import PrefixCache
+from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
+from midfill.engine.sampling import Sampler
+from midfill.model import GPTRefactForCausalLM, KVCache
+from midfill.tokenizer import Tokenizer
+
+log = logging.getLogger("midfill.engine")
+
+# Prefill in slices so the attention bias of a long prompt stays small ([T*H, S] floats per slice).
+PREFILL_CHUNK = 512
+
+Event = TextDelta | Finished
+EventSink = Callable[[Event], None]
+
+
+class Sequence:
+    """A request being generated: its tokens, sampler, text and stop state."""
+
+    def __init__(self, request: GenerationRequest, sink: EventSink, tok: Tokenizer | None, device: torch.device,
+                 submitted_at: float, assembler: TextAssembler | None = None) -> None:
+        self.request = request
+        self.sink = sink
+        # without a tokenizer (ids in, ids out: `generate`), there is no text and no stop string
+        self.assembler = assembler or (TextAssembler(tok, request.rules, skip=request.required_prefix) if tok else None)
+        self.required = RequiredPrefix(tok, request.required_prefix) if request.required_prefix else None
+        self.sampler = Sampler(request.sampling, device)
+        self.tokens = list(request.prompt_ids)  # prompt, then every sampled token
+        self.submitted_at = submitted_at
+        self.seen: torch.Tensor | None = None  # [1, V] tokens in context, for the repetition penalty
+        self.cached_tokens = 0
+        self.prompt_ms = 0.0
+        self.first_token_at: float | None = None
+        self.n_sampled = 0
+        self.next_token = -1  # sampled, to be fed at the next decode step
+        self.finish_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        """The sampled token ids, without the stop id that ended them."""
+        ids = self.tokens[len(self.request.prompt_ids) :]
+        return ids[:-1] if self.finish_reason == "eos" else ids
+
+    def prefill(self, model: GPTRefactForCausalLM, slab: KVCache, row: int, cache: PrefixCache) -> None:
+        """Run the prompt's uncached tail into `row` of the slab and sample the first token.
+
+        With max_new_tokens == 0 (llama.cpp's n_predict 0) only the prompt runs, to warm the cache.
+        """
+        started = time.perf_counter()
+        prompt = torch.tensor(self.request.prompt_ids, device=model.device)
+        n_cached, entry = cache.lookup(prompt) if self.request.cache_prompt else (0, None)
+        n_use = min(n_cached, len(prompt) - 1)  # at least one token must run to give logits
+        if entry is not None and n_use > 0:
+            slab.k[:, row, :n_use] = entry.k[:, :n_use]
+            slab.v[:, row, :n_use] = entry.v[:, :n_use]
+        slab.lengths[row] = n_use
+        view = slab.rows(row, row + 1)
+        for start in range(n_use, len(prompt), PREFILL_CHUNK):
+            logits = model(prompt[None, start : start + PREFILL_CHUNK], cache=view)
+        self.cached_tokens = n_use
+        self.prompt_ms = (time.perf_counter() - started) * 1000
+        if self.request.sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=model.device)
+            self.seen[0, prompt] = True
+        if self.request.max_new_tokens == 0:  # a cache warm-up: the prompt's KV is all it wanted
+            self.finish_reason = "length"
+            return
+        self.sample(logits[:, -1])
+
+    def sample(self, logits: torch.Tensor) -> None:
+        """Sample the next token from logits [1, V] and take it; a failure ends this sequence alone."""
+        try:
+            healing = self.required is not None and not self.required.done
+            if healing:
+                logits = self.required.mask(logits)
+            token = int(self.sampler(logits, self.seen)[0])
+            if healing:
+                self.required.advance(token)
+        except Exception:
+            self.finish_reason = "error"
+            raise
+        self.accept(token)
+
+    def accept(self, token: int) -> None:
+        """Take one sampled token: stream its text, or decide that the sequence is done."""
+        now = time.perf_counter()
+        self.first_token_at = self.first_token_at or now
+        self.tokens.append(token)
+        self.n_sampled += 1
+        request = self.request
+        if token in request.stop_ids:
+            self.finish_reason = "eos"
+            return
+        if self.assembler is not None:
+            delta = self.assembler.push(token)
+            if delta:
+                self.emit(TextDelta(delta))
+        if self.assembler is not None and self.assembler.done:
+            self.finish_reason = "stop"
+        elif self.n_sampled >= request.max_new_tokens:
+            self.finish_reason = "length"
+        elif (
+            request.max_predict_ms is not None
+            and (now - self.first_token_at) * 1000 > request.max_predict_ms
+            and "\n" in (self.assembler.text if self.assembler else "")
+        ):
+            self.finish_reason = "time"
+        else:
+            self.next_token = token
+            if self.seen is not None:
+                self.seen[0, token] = True
+
+    def finish(self) -> None:
+        """Flush the last text and report the result."""
+        if self.assembler is not None and not self.assembler.done:
+            # the assembler's reason is the text's: an end-of-text token stopped it like a stop rule
+            delta = self.assembler.finish("length" if self.finish_reason == "length" else "stop")
+            if delta:
+                self.emit(TextDelta(delta))
+        self.emit(Finished(self.result()))
+
+    def result(self) -> GenerationResult:
+        end = time.perf_counter()
+        first = self.first_token_at or end
+        return GenerationResult(
+            text=self.assembler.text if self.assembler else "",
+            finish_reason=self.finish_reason or "stop",
+            prompt_tokens=len(self.request.prompt_ids),
+            completion_tokens=self.n_sampled,
+            cached_tokens=self.cached_tokens,
+            prompt_ms=self.prompt_ms,
+            predicted_ms=(end - first) * 1000,
+            ttft_ms=(first - self.submitted_at) * 1000,
+            stopping_word=self.assembler.stopping_word if self.assembler else "",
+            token_ids=self.generated,
+        )
+
+    def emit(self, event: Event) -> None:
+        emit(self.sink, event)
+
+
+def emit(sink: EventSink, event: Event) -> None:
+    """Hand an event to a request's sink; a sink that fails is a bug there, logged, but must not stop the engine."""
+    try:
+        sink(event)
+    except Exception:
+        log.exception("a request's event sink failed")
