@@ -12,11 +12,11 @@ the text next to the cursor is kept. Only if the cursor's own line is too long i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from midfill.engine.healing import healing_cut
 from midfill.errors import MidfillError
 from midfill.tokenizer import Tokenizer
 
@@ -49,6 +49,24 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, order: str = "spm", bud
     if order == "psm":
         return fim_prompt_psm(tok, prefix, suffix, budget)
     raise MidfillError(f"unknown FIM order {order!r}; use 'spm' or 'psm'")
+
+
+# The prefix's last token may merge with what follows: it is a word (or part of one), or the
+# whitespace that starts a line (a bare newline before indentation, or part of the indentation).
+MERGEABLE_TAIL = re.compile(r"(?:\w|\n[ \t]*)\Z")
+TAIL_CHARS = 256
+
+
+def healing_cut(tok: Tokenizer, prefix: str) -> str:
+    """The end of `prefix` to move into the answer: its last token's text, or "" when that token
+    cannot merge with what follows."""
+    if not MERGEABLE_TAIL.search(prefix):
+        return ""
+    ids = tok.encode(prefix[-TAIL_CHARS:])  # BPE works per pre-tokenized chunk: the last one is inside this
+    if not ids:
+        return ""
+    last = tok.decode(ids[-1:])
+    return last if prefix.endswith(last) and len(last) < len(prefix) else ""
 
 
 def fim_prompt_healed(

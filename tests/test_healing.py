@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from midfill.engine.assembler import TextAssembler
-from midfill.engine.healing import RequiredPrefix, healing_cut, token_bytes_of
+from midfill.engine.healing import RequiredPrefix, token_bytes_of
 from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.scheduler import Engine
-from midfill.prompts import fim_prompt, fim_prompt_healed
+from midfill.prompts import fim_prompt, fim_prompt_healed, healing_cut
 from tests.helpers import tiny_model
 
 

@@ -3,38 +3,20 @@
 Tokenizing real code never ends a token at the cursor of "retu|rn" or between a newline and the
 indentation that follows it ("\\n" + "    return" is one "\\n   " token and one " return"), so a
 prompt that ends there shows the model a boundary it never saw in training: it answers as if
-the word had ended, or writes the next line at column 0. Healing moves the prefix's last token
-out of the prompt and into `required_prefix`: the first generated tokens must spell it (each one
-a prefix of what is left of it, or extending past it), and it is dropped from the answer.
+the word had ended, or writes the next line at column 0. Healing (prompts.healing_cut) moves the
+prefix's last token out of the prompt and into `required_prefix`: the first generated tokens
+must spell it (each one a prefix of what is left of it, or extending past it), and it is
+dropped from the answer.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-import re
 
 import torch
 
 from midfill.tokenizer import Tokenizer
-
-# The prefix's last token may merge with what follows: it is a word (or part of one), or the
-# whitespace that starts a line (a bare newline before indentation, or part of the indentation).
-MERGEABLE_TAIL = re.compile(r"(?:\w|\n[ \t]*)\Z")
-TAIL_CHARS = 256
-
-
-def healing_cut(tok: Tokenizer, prefix: str) -> str:
-    """The end of `prefix` to move into the answer: its last token's text, or "" when that token
-    cannot merge with what follows."""
-    if not MERGEABLE_TAIL.search(prefix):
-        return ""
-    ids = tok.encode(prefix[-TAIL_CHARS:])  # BPE works per pre-tokenized chunk: the last one is inside this
-    if not ids:
-        return ""
-    last = tok.decode(ids[-1:])
-    return last if prefix.endswith(last) and len(last) < len(prefix) else ""
-
 
 class TokenBytes:
     """Every token's bytes, sorted, so that the tokens consistent with a required text are found fast."""
