@@ -18,6 +18,7 @@ import torch
 
 from midfill.tokenizer import Tokenizer
 
+
 class TokenBytes:
     """Every token's bytes, sorted, so that the tokens consistent with a required text are found fast."""
 
