@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import secrets
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -78,44 +78,44 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def finished_into(finished: queue.Queue, task: Task, sample: int):
+    """An engine sink that queues (task, sample, result) when the generation ends."""
+    def sink(event) -> None:
+        if isinstance(event, Finished):
+            finished.put((task, sample, event.result))
+
+    return sink
+
+
 def generate_samples(engine: Engine, tasks: list[Task], config: EvalConfig, path: Path, progress: Progress) -> list[dict]:
-    """Every task's n samples, generating only those not yet in `path`."""
+    """Every task's n samples, generating only those not yet in `path`.
+
+    At most a batch plus half the queue is in the engine at once; each finished sample is written
+    here, in this thread, and the next one submitted (never from inside the engine's callback).
+    """
     have = defaultdict(int)
     for row in read_jsonl(path):
         have[row["task_id"]] += 1
     todo = [(task, i) for task in tasks for i in range(have[task.task_id], config.n)]
-    lock, done_count, finished = threading.Lock(), [config.n * len(tasks) - len(todo)], threading.Event()
     total = config.n * len(tasks)
-    progress("generate", done_count[0], total)
-    if not todo:
-        finished.set()
-    pending = list(todo)
-
+    done = total - len(todo)
+    progress("generate", done, total)
+    finished: queue.Queue = queue.Queue()
+    in_flight = 0
     with open(path, "a") as out:
-        def submit_next() -> None:
-            task, sample = pending.pop(0)
-
-            def sink(event) -> None:
-                if not isinstance(event, Finished):
-                    return
-                row = {"task_id": task.task_id, "completion": completion_text(config, event.result.text), "sample": sample,
-                       "raw": event.result.text, "finish_reason": event.result.finish_reason}
-                with lock:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-                    done_count[0] += 1
-                    progress("generate", done_count[0], total)
-                    if pending:
-                        submit_next()
-                    elif done_count[0] == total:
-                        finished.set()
-
-            engine.submit(request_for(engine.tok, task, config, sample, engine.ctx), sink)
-
-        with lock:
-            for _ in range(min(engine.max_batch + engine.max_queue // 2, len(pending))):
-                submit_next()
-        finished.wait()
+        while todo or in_flight:
+            while todo and in_flight < engine.max_batch + engine.max_queue // 2:
+                task, sample = todo.pop(0)
+                engine.submit(request_for(engine.tok, task, config, sample, engine.ctx), finished_into(finished, task, sample))
+                in_flight += 1
+            task, sample, result = finished.get()
+            in_flight -= 1
+            row = {"task_id": task.task_id, "completion": completion_text(config, result.text), "sample": sample,
+                   "raw": result.text, "finish_reason": result.finish_reason}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            done += 1
+            progress("generate", done, total)
     return read_jsonl(path)
 
 
