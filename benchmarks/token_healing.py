@@ -1,0 +1,231 @@
+"""Token healing (issue 16): exact match of the embedded model with and without it, on held-out code.
+
+    python benchmarks/token_healing.py [--examples 200] [--dump answers.jsonl]
+
+Three cut sets from the standard-library modules the embedded model never trained on (seeded):
+- inside an identifier: the cursor strictly inside a NAME token of 4 or more characters (Python's
+  own tokenizer says what a name is); the middle is the rest of that line;
+- column 0: the cursor at the start of an indented line, the prefix ending in its bare newline
+  (what llama.vim sends on an auto-indented blank line); the middle is the whole line, indentation
+  included, so the answer is also compared unstripped;
+- at a token boundary: the cursor where tokenizing the whole file puts a token boundary, inside a
+  line; the middle is the rest of the line. Here healing should change nothing: the healed answer
+  is compared with the unhealed one.
+Every example is completed greedily through the Engine, healed and not (fim_prompt_healed with
+heal True / False), with the single-line stop rule, as an editor's request would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import random
+import threading
+import time
+import tokenize
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from midfill.data.fim_synth import FimExample, line_spans
+from midfill.engine import StopRules
+from midfill.engine.request import Finished, GenerationRequest
+from midfill.engine.scheduler import Engine
+from midfill.engine.stops import indent_of
+from midfill.eval.stopping import sample_examples
+from midfill.hub import EMBEDDED_MODEL
+from midfill.model.checkpoint import load_model
+from midfill.prompts import fim_prompt_healed
+from midfill.recipe import stdlib_documents
+from midfill.tokenizer import Tokenizer, load_tokenizer
+
+MIN_NAME_CHARS = 4
+
+
+def rest_of_line(text: str, cursor: int, kind: str) -> FimExample:
+    end = text.find("\n", cursor)
+    end = len(text) if end < 0 else end
+    return FimExample(text[:cursor], text[cursor:end], text[end:], kind)
+
+
+@functools.cache
+def long_names(text: str) -> list[tuple[int, int]]:
+    """(start, end) offsets of the NAME tokens of at least MIN_NAME_CHARS characters in Python `text`."""
+    starts = [start for start, _ in line_spans(text)]
+    names = []
+    for t in tokenize.generate_tokens(io.StringIO(text).readline):
+        if t.type == tokenize.NAME and len(t.string) >= MIN_NAME_CHARS and t.start[0] == t.end[0]:
+            offset = starts[t.start[0] - 1] + t.start[1]
+            names.append((offset, offset + len(t.string)))
+    return names
+
+
+def cut_inside_name(text: str, rng: random.Random) -> FimExample | None:
+    names = long_names(text)
+    if not names:
+        return None
+    start, end = rng.choice(names)
+    return rest_of_line(text, rng.randint(start + 1, end - 1), "inside a name")
+
+
+def cut_at_column_zero(text: str, rng: random.Random) -> FimExample | None:
+    indented = [(start, end) for start, end in line_spans(text) if start > 0 and text[start:end].strip()
+                and indent_of(text[start:end]) > 0]  # fmt: skip
+    if not indented:
+        return None
+    start, end = rng.choice(indented)
+    return FimExample(text[:start], text[start:end], text[end:], "column 0")
+
+
+@functools.cache
+def token_boundaries(tok: Tokenizer, text: str) -> list[int]:
+    """Character offsets where tokenizing all of `text` ends a token (none inside a UTF-8 character)."""
+    char_at, position = {0: 0}, 0
+    for i, char in enumerate(text):
+        position += len(char.encode("utf-8"))
+        char_at[position] = i + 1
+    boundaries, position = [], 0
+    for token in tok.encode(text):
+        position += len(tok.token_bytes(token))
+        if position in char_at:
+            boundaries.append(char_at[position])
+    assert position == len(text.encode("utf-8")), "the tokens do not spell the text"
+    return boundaries
+
+
+def cut_at_token_boundary(tok: Tokenizer) -> Callable[[str, random.Random], FimExample | None]:
+    def cut(text: str, rng: random.Random) -> FimExample | None:
+        for _ in range(20):
+            cursor = rng.choice(token_boundaries(tok, text))
+            line_start = text.rfind("\n", 0, cursor) + 1
+            line_end = text.find("\n", cursor)
+            line = text[line_start : len(text) if line_end < 0 else line_end]
+            if line_start < cursor < line_start + len(line.rstrip()):
+                return rest_of_line(text, cursor, "token boundary")
+        return None
+
+    return cut
+
+
+@dataclass
+class Outcome:
+    answer: str
+    healed: str  # the required prefix the request carried ("" when not healed)
+
+
+def complete_all(engine: Engine, tok: Tokenizer, examples: list[FimExample], heal: bool, budget: int,
+                 max_new: int) -> list[Outcome]:  # fmt: skip
+    """Greedy single-line answers for every example, submitted at once so the engine batches them."""
+    rules = StopRules.for_mode("single-line")
+    answers: list[str | None] = [None] * len(examples)
+    healed, done = [], threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            if isinstance(event, Finished):
+                assert event.result.finish_reason != "error", f"example {i} failed"
+                answers[i] = event.result.text
+                done.release()
+
+        return sink
+
+    for i, e in enumerate(examples):
+        ids, required = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal)
+        healed.append(required)
+        # No prompt cache: a healed prompt would reuse its unhealed twin's KV, and the comparison
+        # would then also measure the cache's arithmetic, not healing alone.
+        engine.submit(GenerationRequest(ids, max_new, rules=rules, stop_ids=frozenset({tok.eot_id}),
+                                        required_prefix=required, cache_prompt=False), sink_for(i))  # fmt: skip
+    for _ in examples:
+        done.acquire()
+    return [Outcome(a, h) for a, h in zip(answers, healed)]
+
+
+def drops_only_the_last_token(tok: Tokenizer, e: FimExample, budget: int) -> bool:
+    """Whether the healed prompt is the unhealed one minus its last prefix token (SPM: the prefix
+    ends just before <fim_middle>), or it also tokenizes or trims the prefix differently."""
+    plain, _ = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal=False)
+    healed, _ = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal=True)
+    return healed[:-1] == plain[:-2]
+
+
+def percent(count: int, total: int) -> str:
+    return f"{count / max(total, 1):.1%} ({count})"
+
+
+def report(name: str, examples: list[FimExample], off: list[Outcome], on: list[Outcome]) -> list[str]:
+    n = len(examples)
+    rows = []
+    for label, outcomes in (("off", off), ("on", on)):
+        exact = sum(o.answer.strip() == e.middle.strip() for o, e in zip(outcomes, examples))
+        unstripped = sum(o.answer == e.middle.rstrip() for o, e in zip(outcomes, examples))
+        empty = sum(not o.answer.strip() for o in outcomes)
+        applied = sum(bool(o.healed) for o in outcomes)
+        unstripped_cell = percent(unstripped, n) if name == "column 0" else "-"
+        rows.append(f"| {name} | {n} | {label} | {percent(applied, n)} | {percent(exact, n)} | {unstripped_cell} "
+                    f"| {percent(empty, n)} |")  # fmt: skip
+    return rows
+
+
+def show(e: FimExample, off: Outcome, on: Outcome) -> str:
+    return (f"  prefix tail {e.prefix[-40:]!r}, middle {e.middle!r}, healed {on.healed!r}\n"
+            f"    unhealed answer {off.answer!r}\n    healed answer   {on.answer!r}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=200, help="examples per cut set")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dump", type=Path, help="write every example and both answers here (JSON lines)")
+    args = parser.parse_args()
+    texts = [d.text for d in stdlib_documents(held_out=True)]
+    tok = load_tokenizer(str(EMBEDDED_MODEL))
+    cutters = {"inside a name": cut_inside_name, "column 0": cut_at_column_zero,
+               "token boundary": cut_at_token_boundary(tok)}  # fmt: skip
+    sets = {name: sample_examples(texts, cut, args.examples, random.Random(args.seed + i))
+            for i, (name, cut) in enumerate(cutters.items())}  # fmt: skip
+    engine = Engine(load_model(EMBEDDED_MODEL), tok, max_batch=8, max_queue=args.examples)
+    engine.start()
+    rows, started = [], time.perf_counter()
+    try:
+        results = {}
+        for name, examples in sets.items():
+            off = complete_all(engine, tok, examples, False, args.prompt_tokens, args.max_new_tokens)
+            on = complete_all(engine, tok, examples, True, args.prompt_tokens, args.max_new_tokens)
+            results[name] = off, on
+            rows += report(name, examples, off, on)
+            print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        engine.stop()
+    print("\n| cut set | n | healing | healed | exact match | exact, unstripped | empty answers |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+    examples, (off, on) = sets["token boundary"], results["token boundary"]
+    same = [a.answer == b.answer for a, b in zip(off, on)]
+    untouched = [s for s, b in zip(same, on) if not b.healed]
+    touched = [s for s, b in zip(same, on) if b.healed]
+    one_less = [i for i, b in enumerate(on) if b.healed and drops_only_the_last_token(tok, examples[i], args.prompt_tokens)]
+    print(f"\ntoken boundary, healed answer == unhealed answer: all {percent(sum(same), len(same))} of {len(same)}; "
+          f"where healing_cut was \"\" {percent(sum(untouched), len(untouched))} of {len(untouched)}; "
+          f"where it backed off a token {percent(sum(touched), len(touched))} of {len(touched)}, of which "
+          f"{sum(same[i] for i in one_less)} of the {len(one_less)} whose healed prompt is the unhealed one "
+          "minus its last prefix token")  # fmt: skip
+    if args.dump:
+        with args.dump.open("w", encoding="utf-8") as f:
+            for name, examples_of_set in sets.items():
+                for e, a, b in zip(examples_of_set, *results[name]):
+                    record = {"set": name, "prefix_tail": e.prefix[-80:], "middle": e.middle, "healed": b.healed,
+                              "answer_unhealed": a.answer, "answer_healed": b.answer}  # fmt: skip
+                    f.write(json.dumps(record) + "\n")
+    differing = [i for i in one_less if not same[i]]  # healing alone changed these answers
+    for i in differing[:5]:
+        print(show(examples[i], off[i], on[i]))
+
+
+if __name__ == "__main__":
+    main()
