@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -127,3 +128,41 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.call.cancel()
+
+
+@dataclass
+class StreamFormat:
+    """How one protocol writes a stream: events before any text, per text delta, per finished
+    generation, for a generation that failed, and after all of them. A callback returning None
+    sends nothing."""
+
+    delta: Callable[[int, str], dict | None]
+    finished: Callable[[int, GenerationResult], dict]
+    failed: dict  # the protocol's own error body
+    head: list[dict] = field(default_factory=list)
+    tail: Callable[[list[GenerationResult]], list[dict | str]] = lambda results: []
+
+
+def stream_response(call: EngineCall, fmt: StreamFormat) -> EventStream:
+    """The one streaming loop of every protocol: an engine failure is the protocol's error event,
+    never a normal finish."""
+
+    async def events() -> AsyncIterator[str]:
+        for event in fmt.head:
+            yield sse_event(event)
+        async for index, event in call.events():
+            if isinstance(event, Finished):
+                data = fmt.failed if event.result.finish_reason == "error" else fmt.finished(index, event.result)
+            else:
+                data = fmt.delta(index, event.text)
+            if data is not None:
+                yield sse_event(data)
+        for data in fmt.tail([r for r in call.results if r is not None]):
+            yield sse_event(data)
+
+    return EventStream(call, events())
+
+
+def finish_reason(result: GenerationResult) -> str:
+    """OpenAI's (and Refact's) finish_reason: "length" when a limit cut the answer, else "stop"."""
+    return "length" if result.finish_reason in ("length", "time") else "stop"

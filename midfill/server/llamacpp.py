@@ -21,13 +21,13 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from midfill.engine.request import Finished, GenerationRequest, GenerationResult
+from midfill.engine.request import GenerationRequest, GenerationResult
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt_healed
-from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
-from midfill.server.budget import answer_length, prompt_budget
+from midfill.server.bridge import ENGINE_FAILED, EngineCall, StreamFormat, stream_response
+from midfill.server.checks import answer_length, check_token_ids, prompt_budget, stop_strings
 from midfill.server.lenient import LenientModel, note_unknown_fields
 from midfill.server.state import ServerState, get_state
 
@@ -121,7 +121,7 @@ def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> tuple
 async def infill(body: InfillRequest, http: Request, state: ServerState = Depends(get_state)):
     note_unknown_fields(http, body, state.logged_fields)
     budget = prompt_budget(body.n_predict, state.ctx, "n_predict")
-    rules = StopRules(tuple(s for s in body.stop if s), min_indent=body.n_indent or None,
+    rules = StopRules(stop_strings(body.stop), min_indent=body.n_indent or None,
                       suffix_start=state.settings.overlap_window(body.input_suffix))
     ids, healed = await run_in_threadpool(infill_prompt, body, state, budget)  # tokenizing can take a while
     return await respond(body, http, state, generations(body, state, ids, rules, healed), "/infill", truncated=False)
@@ -136,11 +136,7 @@ def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) 
     else:
         ids = list(body.prompt)
         truncated = len(ids) > budget
-    if not ids:
-        raise MidfillError("prompt is empty")
-    if any(not 0 <= t < state.tok.vocab_size for t in ids):
-        raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
-    return ids[-budget:], truncated
+    return check_token_ids(ids, state.tok.vocab_size)[-budget:], truncated
 
 
 @router.post("/completion")
@@ -148,7 +144,7 @@ def completion_prompt(body: CompletionRequest, state: ServerState, budget: int) 
 async def completion(body: CompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     note_unknown_fields(http, body, state.logged_fields)
     budget = prompt_budget(body.n_predict, state.ctx, "n_predict")
-    rules = StopRules(tuple(s for s in body.stop if s))
+    rules = StopRules(stop_strings(body.stop))
     ids, truncated = await run_in_threadpool(completion_prompt, body, state, budget)
     return await respond(body, http, state, generations(body, state, ids, rules), "/completion", truncated)
 
@@ -207,21 +203,18 @@ def pick_fields(data: dict, paths: list[str] | None) -> dict:
 async def respond(body: CompletionRequest, http: Request, state: ServerState, requests: list[GenerationRequest], route: str,
                   truncated: bool):
     call = EngineCall(state.engine, state.metrics, route, requests)
+
+    def final(index: int, result: GenerationResult, content: str) -> dict:
+        return pick_fields(final_body(body, state, result, truncated, content, index), body.response_fields)
+
     if body.stream:
-        async def stream():
-            async for index, event in call.events():
-                if isinstance(event, Finished) and event.result.finish_reason == "error":
-                    yield sse_event(error_body(500, ENGINE_FAILED))  # what llama.cpp streams when a slot fails
-                elif isinstance(event, Finished):
-                    final = final_body(body, state, event.result, truncated, "", index)
-                    yield sse_event(pick_fields(final, body.response_fields))
-                else:
-                    yield sse_event({"index": index, "content": event.text, "tokens": [], "stop": False, "id_slot": body.id_slot})
-
-        return EventStream(call, stream())
-
+        return stream_response(call, StreamFormat(
+            delta=lambda index, text: {"index": index, "content": text, "tokens": [], "stop": False, "id_slot": body.id_slot},
+            finished=lambda index, result: final(index, result, ""),
+            failed=error_body(500, ENGINE_FAILED),  # what llama.cpp streams when a slot fails
+        ))
     results = await call.finished(http)
-    finals = [pick_fields(final_body(body, state, r, truncated, r.text, i), body.response_fields) for i, r in enumerate(results)]
+    finals = [final(i, r, r.text) for i, r in enumerate(results)]
     return finals[0] if len(finals) == 1 else finals
 
 

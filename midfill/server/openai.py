@@ -16,13 +16,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from midfill.engine.request import Finished, GenerationRequest, GenerationResult
+from midfill.engine.request import GenerationRequest, GenerationResult
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt_healed
-from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
-from midfill.server.budget import answer_length, prompt_budget
+from midfill.server.bridge import ENGINE_FAILED, EngineCall, StreamFormat, finish_reason, stream_response
+from midfill.server.checks import answer_length, check_token_ids, prompt_budget, stop_strings
 from midfill.server.lenient import LenientModel, note_unknown_fields
 from midfill.server.state import ServerState, get_state
 
@@ -117,11 +117,6 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
         raise MidfillError("logit_bias is not supported by this server")
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    return tuple(s for s in stops if s)
-
-
 def requested_tokens(body: CompletionRequest | ChatCompletionRequest) -> int | None:
     """The answer length asked for (None: left open), under whichever name the client used."""
     for value in (body.max_completion_tokens, body.max_tokens, body.n_predict):
@@ -149,9 +144,7 @@ def completion_prompts(state: ServerState, body: CompletionRequest, budget: int)
     out = []
     for prompt in prompts:
         if isinstance(prompt, list):
-            if any(not 0 <= t < state.tok.vocab_size for t in prompt):
-                raise MidfillError(f"prompt token ids must be in 0..{state.tok.vocab_size - 1}")
-            ids, text, healed = list(prompt), state.tok.decode(prompt), ""
+            ids, text, healed = check_token_ids(list(prompt), state.tok.vocab_size), state.tok.decode(prompt), ""
         elif body.suffix is not None:
             ids, healed = fim_prompt_healed(state.tok, prompt, body.suffix, state.settings.fim_order, budget,
                                             state.settings.token_healing)
@@ -170,10 +163,6 @@ def completion_prompts(state: ServerState, body: CompletionRequest, budget: int)
             )
         out.append((ids, text, healed))
     return out
-
-
-def finish_reason(result: GenerationResult) -> str:
-    return "length" if result.finish_reason in ("length", "time") else "stop"
 
 
 def usage(results: list[GenerationResult]) -> dict:
@@ -198,32 +187,25 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.settings.model_name}
 
+    def chunk(index: int, text: str, reason: str | None) -> dict:
+        return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+
     if body.stream:
-        async def stream():
-            for index, text in enumerate(echo):
-                if text:
-                    yield sse_event({**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
-            async for index, event in call.events():
-                if isinstance(event, Finished):
-                    if event.result.finish_reason == "error":
-                        yield sse_event(error_body(500, ENGINE_FAILED))
-                        continue
-                    choice = {"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason(event.result)}
-                else:
-                    choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": None}
-                yield sse_event({**base, "choices": [choice]})
-            if (body.stream_options or {}).get("include_usage"):
-                yield sse_event({**base, "choices": [], "usage": usage([r for r in call.results if r])})
-            yield sse_event("[DONE]")
-
-        return EventStream(call, stream())
-
+        return stream_response(call, StreamFormat(
+            delta=lambda index, text: chunk(index, text, None),
+            finished=lambda index, result: chunk(index, "", finish_reason(result)),
+            failed=error_body(500, ENGINE_FAILED),
+            head=[chunk(index, text, None) for index, text in enumerate(echo) if text],
+            tail=lambda results: stream_tail(body, base, results),
+        ))
     results = await call.finished(http)
-    choices = [
-        {"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": finish_reason(r)}
-        for i, r in enumerate(results)
-    ]
+    choices = [{"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": finish_reason(r)} for i, r in enumerate(results)]
     return {**base, "choices": choices, "usage": usage(results)}
+
+
+def stream_tail(body: CompletionRequest | ChatCompletionRequest, base: dict, results: list[GenerationResult]) -> list[dict | str]:
+    usage_chunk = [{**base, "choices": [], "usage": usage(results)}] if (body.stream_options or {}).get("include_usage") else []
+    return [*usage_chunk, "[DONE]"]
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
@@ -243,36 +225,25 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Se
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.settings.model_name}
 
     if body.stream:
-        async def stream():
-            chunk = {**base, "object": "chat.completion.chunk"}
-            for index in range(body.n):
-                yield sse_event({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            started = [False] * body.n  # the model answers "ASSISTANT" with a space first
-            async for index, event in call.events():
-                if isinstance(event, Finished):
-                    if event.result.finish_reason == "error":
-                        yield sse_event(error_body(500, ENGINE_FAILED))
-                        continue
-                    choice = {"index": index, "delta": {}, "finish_reason": finish_reason(event.result)}
-                else:
-                    text = event.text if started[index] else event.text.lstrip()
-                    started[index] = started[index] or bool(text)
-                    if not text:
-                        continue
-                    choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
-                yield sse_event({**chunk, "choices": [choice]})
-            if (body.stream_options or {}).get("include_usage"):
-                yield sse_event({**chunk, "choices": [], "usage": usage([r for r in call.results if r])})
-            yield sse_event("[DONE]")
+        chunk = {**base, "object": "chat.completion.chunk"}
+        started = [False] * body.n  # the model answers "ASSISTANT" with a space first
 
-        return EventStream(call, stream())
+        def delta(index: int, text: str) -> dict | None:
+            text = text if started[index] else text.lstrip()
+            started[index] = started[index] or bool(text)
+            return {**chunk, "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]} if text else None
 
+        return stream_response(call, StreamFormat(
+            delta=delta,
+            finished=lambda index, result: {**chunk, "choices": [{"index": index, "delta": {}, "finish_reason": finish_reason(result)}]},
+            failed=error_body(500, ENGINE_FAILED),
+            head=[{**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                  for i in range(body.n)],
+            tail=lambda results: stream_tail(body, chunk, results),
+        ))
     results = await call.finished(http)
-    choices = [
-        {"index": i, "message": {"role": "assistant", "content": r.text.strip()}, "logprobs": None,
-         "finish_reason": finish_reason(r)}
-        for i, r in enumerate(results)
-    ]
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text.strip()}, "logprobs": None,
+                "finish_reason": finish_reason(r)} for i, r in enumerate(results)]
     return {**base, "object": "chat.completion", "choices": choices, "usage": usage(results)}
 
 

@@ -15,12 +15,13 @@ from fastapi.responses import Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from midfill.engine.request import Finished, GenerationRequest
+from midfill.engine.request import GenerationRequest
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.stops import StopRules, cursor_indent
 from midfill.errors import MidfillError
 from midfill.prompts import fim_prompt_healed
-from midfill.server.bridge import ENGINE_FAILED, EngineCall, EventStream, sse_event
+from midfill.server.bridge import ENGINE_FAILED, EngineCall, StreamFormat, finish_reason, stream_response
+from midfill.server.checks import prompt_budget, stop_strings
 from midfill.server.state import ServerState, WireModel, get_state
 
 router = APIRouter()
@@ -137,17 +138,16 @@ def split_at_cursor(inputs: CodeInputs) -> tuple[str, str]:
 async def code_completion(body: CodeCompletionRequest, http: Request, state: ServerState = Depends(get_state)):
     params = body.parameters
     n_new = params.max_new_tokens or 50
-    if n_new >= state.ctx:
-        raise MidfillError(f"max_new_tokens is {n_new}, but the context is {state.ctx} tokens")
+    budget = prompt_budget(n_new, state.ctx, "max_new_tokens")
     prefix, suffix = split_at_cursor(body.inputs)
     ids, healed = await run_in_threadpool(fim_prompt_healed, state.tok, prefix, suffix, state.settings.fim_order,
-                                          state.ctx - n_new, state.settings.token_healing)
+                                          budget, state.settings.token_healing)
     mode = "multi-line" if body.inputs.multiline else "single-line"
     request = GenerationRequest(
         ids,
         n_new,
         SamplingParams(temperature=0.2 if params.temperature is None else params.temperature, top_p=params.top_p or 1.0),
-        StopRules.for_mode(mode, cursor_indent(prefix), tuple(s for s in params.stop if s), state.settings.overlap_window(suffix)),
+        StopRules.for_mode(mode, cursor_indent(prefix), stop_strings(params.stop), state.settings.overlap_window(suffix)),
         frozenset({state.tok.eot_id}),
         cache_prompt=not body.no_cache,
         required_prefix=healed,
@@ -155,26 +155,15 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
     call = EngineCall(state.engine, state.metrics, "/v1/code-completion", [request])
     base = {"snippet_telemetry_id": next(telemetry_ids), "model": state.settings.model_name, "created": time.time()}
 
+    def choice(text: str, reason: str | None) -> dict:
+        return {**base, "choices": [{"index": 0, "code_completion": text, "finish_reason": reason}]}
+
     if body.stream:
-        async def stream():
-            async for _, event in call.events():
-                if isinstance(event, Finished) and event.result.finish_reason == "error":
-                    yield sse_event(error_body(500, ENGINE_FAILED))  # refact-lsp reads "detail" as an error
-                    continue
-                if isinstance(event, Finished):
-                    choice = {"index": 0, "code_completion": "", "finish_reason": finish_reason(event.result.finish_reason)}
-                else:
-                    choice = {"index": 0, "code_completion": event.text, "finish_reason": None}
-                yield sse_event({**base, "choices": [choice]})
-            yield sse_event("[DONE]")
-
-        return EventStream(call, stream())
-
-    results = await call.finished(http)
-    result = results[0]
-    choice = {"index": 0, "code_completion": result.text, "finish_reason": finish_reason(result.finish_reason)}
-    return {**base, "choices": [choice]}
-
-
-def finish_reason(reason: str) -> str:
-    return "length" if reason in ("length", "time") else "stop"
+        return stream_response(call, StreamFormat(
+            delta=lambda index, text: choice(text, None),
+            finished=lambda index, result: choice("", finish_reason(result)),
+            failed=error_body(500, ENGINE_FAILED),  # refact-lsp reads "detail" as an error
+            tail=lambda results: ["[DONE]"],
+        ))
+    result = (await call.finished(http))[0]
+    return choice(result.text, finish_reason(result))

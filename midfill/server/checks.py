@@ -1,4 +1,4 @@
-"""How many tokens a request's prompt may take and its answer may run to, in every protocol.
+"""The request checks every protocol makes the same way: lengths against the context, token ids, stops.
 
 A request that names a length gets it (a 400 if the context cannot hold it). One that leaves
 it open, by leaving it out or (as llama.cpp's clients do) sending -1, gives the prompt all
@@ -28,3 +28,18 @@ def answer_length(requested: int | None, n_prompt: int, ctx: int, cap: int) -> i
     if requested is None:
         return min(cap, room)
     return room if requested == UNTIL_CONTEXT_ENDS else requested
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """A protocol's stop field as stop strings: one string or a list; empty strings are dropped."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    return tuple(s for s in stops if s)
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    """A prompt given as token ids, refused when empty or when an id is outside the vocabulary."""
+    if not ids:
+        raise MidfillError("prompt is empty")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise MidfillError(f"prompt token ids must be in 0..{vocab_size - 1}")
+    return ids
