@@ -36,20 +36,11 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-class LlamaCppExtensions(LenientModel):
-    """llama.cpp's own fields, which its clients send to these routes too, and which midfill honours."""
+class GenerationFields(LenientModel):
+    """What both OpenAI routes take: the answer's length and sampling, plus llama.cpp's own fields,
+    which its clients send to these routes too and which midfill honours."""
 
-    n_predict: int | None = Field(None, ge=-1)  # used when max_tokens is not given
-    top_k: int = Field(0, ge=0)
-    repeat_penalty: float = Field(1.0, gt=0)
-    cache_prompt: bool = True
-    id_slot: int = -1  # requests on one slot run one after another
-
-
-class CompletionRequest(LlamaCppExtensions):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    suffix: str | None = None
     max_tokens: int | None = Field(None, ge=-1)  # -1: until the context ends, as llama.cpp; None: up to --max-tokens
     max_completion_tokens: int | None = Field(None, ge=-1)  # what newer refact-lsp sends
     temperature: float | None = Field(None, ge=0, le=2)
@@ -59,15 +50,26 @@ class CompletionRequest(LlamaCppExtensions):
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    echo: bool = False
     # Accepted so that clients which send their defaults work; anything but the default is a 400.
-    logprobs: int | None = None
-    best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     meta: dict | None = None  # refact-lsp's request metadata
+    # llama.cpp's
+    n_predict: int | None = Field(None, ge=-1)  # used when max_tokens is not given
+    top_k: int = Field(0, ge=0)
+    repeat_penalty: float = Field(1.0, gt=0)
+    cache_prompt: bool = True
+    id_slot: int = -1  # requests on one slot run one after another
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    suffix: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
 
 
 class ContentPart(LenientModel):
@@ -86,27 +88,12 @@ class ChatMessageIn(LenientModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(LlamaCppExtensions):
-    model: str | None = None
+class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=-1)
-    max_completion_tokens: int | None = Field(None, ge=-1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    stream_options: dict | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
     logprobs: bool | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    meta: dict | None = None
 
 
-def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+def reject_unsupported(body: GenerationFields) -> None:
     if body.logprobs:
         raise MidfillError("logprobs is not supported by this server; leave it out")
     if getattr(body, "best_of", None) not in (None, 1):
@@ -117,7 +104,7 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
         raise MidfillError("logit_bias is not supported by this server")
 
 
-def requested_tokens(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+def requested_tokens(body: GenerationFields) -> int | None:
     """The answer length asked for (None: left open), under whichever name the client used."""
     for value in (body.max_completion_tokens, body.max_tokens, body.n_predict):
         if value is not None:
@@ -125,14 +112,14 @@ def requested_tokens(body: CompletionRequest | ChatCompletionRequest) -> int | N
     return None
 
 
-def generation(state: ServerState, body: CompletionRequest | ChatCompletionRequest, ids: list[int], choice: int,
+def generation(state: ServerState, body: GenerationFields, ids: list[int], choice: int,
                rules: StopRules, stop_ids: frozenset[int], healed: str = "") -> GenerationRequest:
     n_new = answer_length(requested_tokens(body), len(ids), state.ctx, state.settings.max_new_tokens)
     return GenerationRequest(ids, n_new, sampling(body, choice), rules, stop_ids, cache_prompt=body.cache_prompt,
                              serial_group=None if body.id_slot < 0 else body.id_slot, required_prefix=healed)
 
 
-def sampling(body: CompletionRequest | ChatCompletionRequest, choice: int) -> SamplingParams:
+def sampling(body: GenerationFields, choice: int) -> SamplingParams:
     seed = None if body.seed is None else body.seed + choice  # n samples must differ, yet repeat
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(temperature, body.top_k, 1.0 if body.top_p is None else body.top_p, body.repeat_penalty, seed)
@@ -203,7 +190,7 @@ async def completions(body: CompletionRequest, http: Request, state: ServerState
     return {**base, "choices": choices, "usage": usage(results)}
 
 
-def stream_tail(body: CompletionRequest | ChatCompletionRequest, base: dict, results: list[GenerationResult]) -> list[dict | str]:
+def stream_tail(body: GenerationFields, base: dict, results: list[GenerationResult]) -> list[dict | str]:
     usage_chunk = [{**base, "choices": [], "usage": usage(results)}] if (body.stream_options or {}).get("include_usage") else []
     return [*usage_chunk, "[DONE]"]
 
