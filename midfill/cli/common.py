@@ -40,6 +40,8 @@ TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling
 RepetitionOpt = Annotated[float, typer.Option(help=">1 discourages repeating context tokens.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")]
 LoraOpt = Annotated[Optional[str], typer.Option(help="LoRA adapter folder from `midfill finetune`, folded in at load.")]
+KOpt = Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="Sandbox worker processes.")]
 CtxOpt = Annotated[Optional[int], typer.Option(min=16, help="Context size in tokens (default: the model's).")]
 
 
@@ -68,10 +70,11 @@ def model_or_default(model: str | None) -> str:
     return str(EMBEDDED_MODEL)
 
 
-def load(
-    model: str | None, tokenizer: str | None, dtype: str, device: str, quantize: str | None = None, lora: str | None = None
-) -> tuple[GPTRefactForCausalLM, Tokenizer]:
-    """The model (with a LoRA adapter folded in, then packed, when asked) and its tokenizer."""
+def load(loading, lora: str | None = None) -> tuple[GPTRefactForCausalLM, Tokenizer]:
+    """The model (with a LoRA adapter folded in, then packed, when asked) and its tokenizer, as
+    `loading` (cli/options.ModelLoading) says."""
+    model, tokenizer, dtype, device, quantize = (loading.model, loading.tokenizer, loading.dtype, loading.device,
+                                                 loading.quantize)
     from midfill.model.quantize import quantize_model
     from midfill.train.lora import load_adapter, merge_lora
 

@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from midfill.cli.common import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, TokenizerOpt, app, err, load, user_errors
+from midfill.cli.common import KOpt, WorkersOpt, app, err, load, user_errors
+from midfill.cli.options import EvalRun, ModelLoading, options
 from midfill.errors import MidfillError
 
 eval_app = typer.Typer(help="Benchmarks: HumanEval (FIM, completion, chat), infilling, MultiPL-E.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 OutOpt = Annotated[Path, typer.Option(help="Folder for samples, executions and results (reruns resume).")]
-NOpt = Annotated[int, typer.Option("--n", min=1, help="Samples per problem.")]
 TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (the card: 0.2 for pass@1, 0.8 for pass@10).")]
-KOpt = Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")]
-LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Only the first N tasks (a quick run).")]
-WorkersOpt = Annotated[int, typer.Option(min=1, help="Sandbox worker processes.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per sample.")]
 
 
@@ -36,18 +33,18 @@ def parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def run_benchmark(tasks, fmt: str, model, tokenizer, dtype, device, out: Path, n: int, temperature: float, k: str,
-                  max_tokens: int, workers: int, seed: int, quantize: str | None = None) -> None:
+def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun, out: Path, temperature: float, max_tokens: int,
+                  seed: int) -> None:
     from midfill.engine.scheduler import Engine
     from midfill.eval.runner import EvalConfig, execute_samples, generate_samples, score, write_report
     from midfill.eval.sandbox import Limits
 
-    ks = parse_ks(k)
-    if max(ks) > n:
+    ks = parse_ks(run.k)
+    if max(ks) > run.n:
         raise MidfillError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
-    config = EvalConfig(fmt=fmt, n=n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=seed)
+    config = EvalConfig(fmt=fmt, n=run.n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    net, tok = load(model, tokenizer, dtype, device, quantize)
+    net, tok = load(loading)
     if config.max_new_tokens >= net.config.n_positions:
         raise MidfillError(f"--max-tokens {max_tokens} leaves no room for prompts in a {net.config.n_positions}-token context")
     engine = Engine(net, tok, max_batch=8, max_queue=64)
@@ -65,7 +62,7 @@ def run_benchmark(tasks, fmt: str, model, tokenizer, dtype, device, out: Path, n
             samples = generate_samples(engine, tasks, config, out / "samples.jsonl", report)
         finally:
             engine.stop()
-        executions = execute_samples(tasks, samples, out / "executions.jsonl", workers, Limits(), report)
+        executions = execute_samples(tasks, samples, out / "executions.jsonl", run.workers, Limits(), report)
     result = score(tasks, samples, executions, ks)
     write_report(out, config, result)
     print_result(result, out)
@@ -87,56 +84,44 @@ def print_result(result: dict, out: Path) -> None:
 
 @eval_app.command("humaneval")
 @user_errors
+@options
 def eval_humaneval(
+    *,
     out: OutOpt,
     format: Annotated[str, typer.Option("--format", help="fim, completion or chat.")] = "fim",
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    n: NOpt = 1,
+    loading: ModelLoading,
+    run: EvalRun,
     temperature: TempOpt = 0.2,
-    k: KOpt = "1",
     max_tokens: MaxTokensOpt = 384,
-    limit: LimitOpt = None,
-    workers: WorkersOpt = max(1, os.cpu_count() or 1),
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
 ) -> None:
     """HumanEval pass@k in Refact's FIM format, left-to-right completion, or the chat format."""
     from midfill.eval.tasks import FORMATS, humaneval_tasks
 
     if format not in FORMATS:
         raise MidfillError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
-    tasks = humaneval_tasks()[:limit]
-    run_benchmark(tasks, format, model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed, quantize)
+    run_benchmark(humaneval_tasks()[: run.limit], format, loading, run, out, temperature, max_tokens, seed)
 
 
 @eval_app.command("infill")
 @user_errors
+@options
 def eval_infill(
+    *,
     out: OutOpt,
     mode: Annotated[str, typer.Option(help="single-line, multi-line or random-span.")] = "single-line",
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    n: NOpt = 1,
+    loading: ModelLoading,
+    run: EvalRun,
     temperature: TempOpt = 0.0,
-    k: KOpt = "1",
     max_tokens: MaxTokensOpt = 256,
-    limit: LimitOpt = None,
-    workers: WorkersOpt = max(1, os.cpu_count() or 1),
     seed: Annotated[int, typer.Option(help="Seed for random spans and sampling.")] = 0,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
 ) -> None:
     """HumanEval infilling from the canonical solutions, scored by execution and exact match."""
     from midfill.eval.tasks import INFILL_MODES, infill_tasks
 
     if mode not in INFILL_MODES:
         raise MidfillError(f"unknown --mode {mode!r}; use one of {', '.join(INFILL_MODES)}")
-    tasks = infill_tasks(mode, seed)[:limit]
-    run_benchmark(tasks, f"infill-{mode}", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed, quantize)
+    run_benchmark(infill_tasks(mode, seed)[: run.limit], f"infill-{mode}", loading, run, out, temperature, max_tokens, seed)
 
 
 @eval_app.command("score")
@@ -186,21 +171,16 @@ def eval_score(
 
 @eval_app.command("multipl-e")
 @user_errors
+@options
 def eval_multipl_e(
+    *,
     out: OutOpt,
     lang: Annotated[str, typer.Option(help="MultiPL-E language code: js (node) or py.")] = "js",
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    n: NOpt = 1,
+    loading: ModelLoading,
+    run: EvalRun,
     temperature: TempOpt = 0.2,
-    k: KOpt = "1",
     max_tokens: MaxTokensOpt = 384,
-    limit: LimitOpt = None,
-    workers: WorkersOpt = max(1, os.cpu_count() or 1),
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
 ) -> None:
     """MultiPL-E's HumanEval translations, run with the language's runtime (data via `datasets`)."""
     import shutil
@@ -210,5 +190,4 @@ def eval_multipl_e(
     runtime = MULTIPLE_RUNTIMES.get(lang, (None, [""]))[1][0]
     if lang in MULTIPLE_RUNTIMES and shutil.which(runtime) is None:
         raise MidfillError(f"MultiPL-E {lang} needs `{runtime}`, which is not installed here; skipping")
-    tasks = multipl_e_tasks(lang)[:limit]
-    run_benchmark(tasks, "multipl-e", model, tokenizer, dtype, device, out, n, temperature, k, max_tokens, workers, seed, quantize)
+    run_benchmark(multipl_e_tasks(lang)[: run.limit], "multipl-e", loading, run, out, temperature, max_tokens, seed)

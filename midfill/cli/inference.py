@@ -14,18 +14,8 @@ from rich.table import Table
 
 from midfill.cli.common import (
     CtxOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LoraOpt,
     MaxTokensOpt,
     ModelOpt,
-    QuantizeOpt,
-    RepetitionOpt,
-    SeedOpt,
-    TemperatureOpt,
-    TokenizerOpt,
-    TopKOpt,
-    TopPOpt,
     app,
     err,
     load,
@@ -33,7 +23,8 @@ from midfill.cli.common import (
     out,
     user_errors,
 )  # fmt: skip
-from midfill.engine import SamplingParams, StopRules, TextAssembler, cursor_indent, stream_text
+from midfill.cli.options import Adapter, ModelLoading, Sampling, options
+from midfill.engine import StopRules, TextAssembler, cursor_indent, stream_text
 from midfill.errors import MidfillError
 from midfill.files import write_bytes_atomic
 from midfill.model import GPTRefactForCausalLM
@@ -77,9 +68,10 @@ def report(assembler: TextAssembler, n_prompt: int, started: float) -> None:
 
 @app.command()
 @user_errors
+@options
 def complete(
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
+    *,
+    loading: ModelLoading,
     prefix: Annotated[str, typer.Option(help="Code before the cursor.")] = "",
     suffix: Annotated[str, typer.Option(help="Code after the cursor.")] = "",
     file: Annotated[Optional[Path], typer.Option(help="Complete inside this file, at --line/--column.")] = None,
@@ -88,16 +80,9 @@ def complete(
     mode: Annotated[str, typer.Option(help="single-line, multi-line or free.")] = "multi-line",
     order: Annotated[str, typer.Option(help="FIM prompt order: spm (Refact's IDE) or psm (model card).")] = "spm",
     max_tokens: MaxTokensOpt = 128,
-    temperature: TemperatureOpt = 0.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 1.0,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
+    sampling: Sampling,
     ctx: CtxOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
-    lora: LoraOpt = None,
+    adapter: Adapter,
 ) -> None:
     """Fill in the middle at a cursor and stream the completion to the terminal."""
     if order not in FIM_ORDERS:
@@ -105,13 +90,12 @@ def complete(
     if file is not None:
         prefix, suffix = cursor_split(file, line, column)
     rules = StopRules.for_mode(mode, cursor_indent(prefix))
-    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    net, tok = load(model, tokenizer, dtype, device, quantize, lora)
+    net, tok = load(loading, adapter.lora)
     budget = prompt_budget(net, ctx, max_tokens)
     prompt = fim_prompt(tok, prefix, suffix, order=order, budget=budget)
     assembler = TextAssembler(tok, rules)
     started = time.perf_counter()
-    print_stream(stream_text(net, prompt, assembler, max_tokens, sampling, stop_ids={tok.eot_id}))
+    print_stream(stream_text(net, prompt, assembler, max_tokens, sampling.params(), stop_ids={tok.eot_id}))
     report(assembler, len(prompt), started)
 
 
@@ -125,26 +109,19 @@ def prompt_budget(net: GPTRefactForCausalLM, ctx: int | None, max_tokens: int) -
 
 @app.command()
 @user_errors
+@options
 def chat(
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
+    *,
+    loading: ModelLoading,
     message: Annotated[Optional[str], typer.Option(help="Ask one question and exit.")] = None,
     system: Annotated[str, typer.Option(help="System message.")] = "You are a programming assistant",
     max_tokens: MaxTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 1.0,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
+    sampling: Sampling,
     ctx: CtxOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
-    lora: LoraOpt = None,
+    adapter: Adapter,
 ) -> None:
     """Chat with the model: one-shot with --message, otherwise interactively (Ctrl-D or 'exit' ends)."""
-    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    net, tok = load(model, tokenizer, dtype, device, quantize, lora)
+    net, tok = load(loading, adapter.lora)
     budget = prompt_budget(net, ctx, max_tokens)
     history = [ChatMessage("system", system)] if system else []
     while True:
@@ -155,7 +132,7 @@ def chat(
         prompt = chat_prompt(tok, history, budget=budget)
         assembler = TextAssembler(tok, StopRules(trim_trailing_whitespace=True))
         started = time.perf_counter()
-        deltas = stream_text(net, prompt, assembler, max_tokens, sampling, stop_ids={tok.eot_id, tok.empty_output_id})
+        deltas = stream_text(net, prompt, assembler, max_tokens, sampling.params(), stop_ids={tok.eot_id, tok.empty_output_id})
         print_stream(strip_leading_space(deltas))
         report(assembler, len(prompt), started)
         history.append(ChatMessage("assistant", assembler.text.strip()))
@@ -189,9 +166,10 @@ def strip_leading_space(deltas: Iterator[str]) -> Iterator[str]:
 
 @app.command()
 @user_errors
+@options
 def serve(
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
+    *,
+    loading: ModelLoading,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8008,
     allowed_host: Annotated[
@@ -220,10 +198,7 @@ def serve(
     finetune_run: Annotated[
         Optional[Path], typer.Option(help="A `midfill finetune --out` folder whose progress the web page shows.")
     ] = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
-    lora: LoraOpt = None,
+    adapter: Adapter,
 ) -> None:
     """Serve completions and chat over HTTP: OpenAI, Refact and llama.cpp protocols."""
     import uvicorn  # the server stack is imported only when serving: it slows every other command
@@ -235,9 +210,10 @@ def serve(
 
     if fim_order not in FIM_ORDERS:
         raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
-    net, tok = load(model, tokenizer, dtype, device, quantize, lora)
+    net, tok = load(loading, adapter.lora)
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
-    default_name = "midfill-embedded" if model is None else Path(model).name
+    default_name = "midfill-embedded" if loading.model is None else Path(loading.model).name
+    lora = adapter.lora
     if finetune_run is None and lora is not None and (Path(lora).parent / "progress.json").is_file():
         finetune_run = Path(lora).parent  # the run that made the adapter
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order,
@@ -255,17 +231,12 @@ def serve(
 
 @app.command()
 @user_errors
-def info(
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    quantize: QuantizeOpt = None,
-) -> None:
+@options
+def info(loading: ModelLoading) -> None:
     """Show a model's parameters, dtype, configuration and tokenizer."""
-    model = model_or_default(model)
+    model = model_or_default(loading.model)
     with err.status(f"loading {model} ..."):
-        net = load_model(model, dtype=dtype, device=device, quantize=quantize)
+        net = load_model(model, dtype=loading.dtype, device=loading.device, quantize=loading.quantize)
     table = Table(title=f"model {net.source}", show_header=False)
     table.add_row("parameters", f"{net.num_parameters():,}")
     table.add_row("dtype / device", f"{net.dtype} / {net.device}")
@@ -275,7 +246,7 @@ def info(
         table.add_row(key, str(value))
     out.print(table)
     try:
-        tok = load_tokenizer(tokenizer if tokenizer is not None else net.source)
+        tok = load_tokenizer(loading.tokenizer if loading.tokenizer is not None else net.source)
     except MidfillError as exc:
         out.print(f"tokenizer: none ({exc})")
         return
