@@ -27,54 +27,67 @@ MAX_CHARS_PER_TOKEN = 16  # no BPE token of code is longer on average: text beyo
 CHAT_ROLES = {"system": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
 
 
+def fim_layout(tok: Tokenizer, order: str, prefix_ids: Sequence[int], suffix_ids: Sequence[int]) -> list[int]:
+    """A FIM prompt through <fim_middle> from ids already fitted: the one place the sentinel order is written.
+
+    Training examples are this followed by the middle's ids and <|endoftext|> (data/fim.py,
+    data/fim_synth.py), so the model is trained on exactly the layout it is asked in.
+    """
+    if order == "spm":
+        return [tok.eot_id, tok.fim_suffix_id, *suffix_ids, tok.fim_prefix_id, *prefix_ids, tok.fim_middle_id]
+    if order == "psm":
+        return [tok.fim_prefix_id, *prefix_ids, tok.fim_suffix_id, *suffix_ids, tok.fim_middle_id]
+    raise MidfillError(f"unknown FIM order {order!r}; use 'spm' or 'psm'")
+
+
 def fim_prompt_spm(tok: Tokenizer, prefix: str, suffix: str, budget: int | None = None) -> list[int]:
     """Refact's IDE order: `<|endoftext|><fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>`.
 
     Everything up to the cursor comes last, so while the user types only the tail changes and a
     prefix KV cache stays valid.
     """
-    prefix_ids, suffix_ids = fit_prefix_suffix(tok, prefix, suffix, budget, n_sentinels=4)
-    return [tok.eot_id, tok.fim_suffix_id, *suffix_ids, tok.fim_prefix_id, *prefix_ids, tok.fim_middle_id]
+    return fim_prompt(tok, prefix, suffix, "spm", budget)
 
 
 def fim_prompt_psm(tok: Tokenizer, prefix: str, suffix: str, budget: int | None = None) -> list[int]:
     """The model card's order: `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`."""
-    prefix_ids, suffix_ids = fit_prefix_suffix(tok, prefix, suffix, budget, n_sentinels=3)
-    return [tok.fim_prefix_id, *prefix_ids, tok.fim_suffix_id, *suffix_ids, tok.fim_middle_id]
+    return fim_prompt(tok, prefix, suffix, "psm", budget)
 
 
 def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, order: str = "spm", budget: int | None = None) -> list[int]:
-    if order == "spm":
-        return fim_prompt_spm(tok, prefix, suffix, budget)
-    if order == "psm":
-        return fim_prompt_psm(tok, prefix, suffix, budget)
-    raise MidfillError(f"unknown FIM order {order!r}; use 'spm' or 'psm'")
+    """Ids of the FIM prompt in `order` ("spm" or "psm"), trimmed to `budget` tokens if one is given."""
+    n_sentinels = len(fim_layout(tok, order, [], []))  # fim_layout also checks the order
+    prefix_ids, suffix_ids = fit_prefix_suffix(tok, prefix, suffix, budget, n_sentinels)
+    return fim_layout(tok, order, prefix_ids, suffix_ids)
+
+
+def indent_of(line: str) -> int:
+    """Number of spaces and tabs that start `line`."""
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def cursor_indent(prefix: str) -> int:
+    """Indentation of the line the cursor is on (the text after the prefix's last newline)."""
+    return indent_of(prefix.rsplit("\n", 1)[-1])
 
 
 # The prefix's last token may merge with what follows: it is a word (or part of one), or the
 # whitespace that starts a line (a bare newline before indentation, or part of the indentation).
 MERGEABLE_TAIL = re.compile(r"(?:\w|\n[ \t]*)\Z")
-TAIL_CHARS = 256
-
-
-def healing_cut(tok: Tokenizer, prefix: str) -> str:
-    """The end of `prefix` to move into the answer: its last token's text, or "" when that token
-    cannot merge with what follows."""
-    if not MERGEABLE_TAIL.search(prefix):
-        return ""
-    ids = tok.encode(prefix[-TAIL_CHARS:])  # BPE works per pre-tokenized chunk: the last one is inside this
-    if not ids:
-        return ""
-    last = tok.decode(ids[-1:])
-    return last if prefix.endswith(last) and len(last) < len(prefix) else ""
 
 
 def fim_prompt_healed(
     tok: Tokenizer, prefix: str, suffix: str, order: str = "spm", budget: int | None = None, heal: bool = True
-) -> tuple[list[int], str]:
-    """A FIM prompt with token healing (engine/healing.py): its ids, and the text the answer must start with."""
-    cut = healing_cut(tok, prefix) if heal else ""
-    return fim_prompt(tok, prefix[: len(prefix) - len(cut)], suffix, order, budget), cut
+) -> tuple[list[int], list[int] | None]:
+    """A FIM prompt, and the same prompt without the prefix's last token where that token may merge
+    with what follows (None elsewhere): token healing, which the engine applies only if the model's
+    first token shows the cut is inside a token (engine/healing.py)."""
+    n_sentinels = len(fim_layout(tok, order, [], []))
+    prefix_ids, suffix_ids = fit_prefix_suffix(tok, prefix, suffix, budget, n_sentinels)
+    ids = fim_layout(tok, order, prefix_ids, suffix_ids)
+    if not heal or len(prefix_ids) < 2 or not MERGEABLE_TAIL.search(prefix):
+        return ids, None
+    return ids, fim_layout(tok, order, prefix_ids[:-1], suffix_ids)
 
 
 def fit_prefix_suffix(

@@ -1,10 +1,10 @@
-"""FIM transforms: examples decode back to the document, orders at their rates, sentinels never targets."""
+"""FIM transforms: examples decode back to the document, orders at their rates, markers never targets."""
 
 import random
 
 import pytest
 
-from midfill.data.fim import FimConfig, fim_layout, split_line, split_lines, split_rest_of_line, transform
+from midfill.data.fim import FimConfig, fim_example, split_line, split_lines, split_rest_of_line, transform
 
 DOC = '''import os
 
@@ -32,9 +32,9 @@ def reassemble(tok, ids: list[int]) -> tuple[str, str]:
     if head[0] == tok.fim_prefix_id:
         cut = head.index(tok.fim_suffix_id)
         return tok.decode(head[1:cut]) + middle + tok.decode(head[cut + 1 :]), "psm"
-    assert head[0] == tok.fim_suffix_id
+    assert head[:2] == [tok.eot_id, tok.fim_suffix_id]
     cut = head.index(tok.fim_prefix_id)
-    return tok.decode(head[cut + 1 :]) + middle + tok.decode(head[1:cut]), "spm"
+    return tok.decode(head[cut + 1 :]) + middle + tok.decode(head[2:cut]), "spm"
 
 
 @pytest.mark.parametrize("splitter", ["char", "line", "rest_of_line", "lines"])
@@ -58,12 +58,13 @@ def test_orders_and_fim_rate_within_statistical_bounds(small_tokenizer):
     assert abs(orders.count("spm") / fim - 0.3) < 4 * (0.21 / fim) ** 0.5
 
 
-def test_loss_mask_excludes_sentinels_only(small_tokenizer):
+def test_loss_mask_excludes_the_prompt_markers_only(small_tokenizer):
     tok = small_tokenizer
     for spm in (False, True):
-        ids, mask = fim_layout(tok, "def f(x):\n    return ", "x + 1", "\n", spm=spm)
+        ids, mask = fim_example(tok, "def f(x):\n    return ", "x + 1", "\n", spm=spm)
         sentinels = {tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id}
-        assert [t in sentinels for t in ids] == [not m for m in mask]
+        leading_eot = [spm] + [False] * (len(ids) - 1)  # SPM's <|endoftext|> is part of the prompt
+        assert [t in sentinels or lead for t, lead in zip(ids, leading_eot)] == [not m for m in mask]
         assert ids[-1] == tok.eot_id and mask[-1]  # learning to stop is part of the loss
 
 
@@ -71,10 +72,10 @@ def test_spm_layout_matches_the_inference_prompt(small_tokenizer):
     from midfill.prompts import fim_prompt_psm, fim_prompt_spm
 
     tok = small_tokenizer
-    ids, _ = fim_layout(tok, "a = 1\n", "b = 2\n", "c = 3\n", spm=True)
+    ids, _ = fim_example(tok, "a = 1\n", "b = 2\n", "c = 3\n", spm=True)
     prompt = fim_prompt_spm(tok, "a = 1\n", "c = 3\n")
-    assert [tok.eot_id] + ids[: len(prompt) - 1] == prompt  # packed data puts the previous <|endoftext|> first
-    ids, _ = fim_layout(tok, "a = 1\n", "b = 2\n", "c = 3\n", spm=False)
+    assert ids[: len(prompt)] == prompt and prompt[0] == tok.eot_id  # Refact's client puts <|endoftext|> first
+    ids, _ = fim_example(tok, "a = 1\n", "b = 2\n", "c = 3\n", spm=False)
     assert ids[: len(fim_prompt_psm(tok, "a = 1\n", "c = 3\n"))] == fim_prompt_psm(tok, "a = 1\n", "c = 3\n")
 
 

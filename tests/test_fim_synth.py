@@ -13,8 +13,7 @@ from midfill.data.fim_synth import SynthConfig, example_empty, example_multi, ex
 from midfill.data.finetune_mix import MixConfig, build_finetune_mix
 from midfill.data.instructions import instruction_pairs, pair_tokens, source_lines, source_segment
 from midfill.data.packing import TokenShards
-from midfill.engine.stops import indent_of
-from midfill.prompts import ChatMessage, chat_prompt
+from midfill.prompts import ChatMessage, chat_prompt, indent_of
 from tests.helpers import stdlib_texts
 
 TEXTS = stdlib_texts(30)
@@ -71,7 +70,7 @@ def test_example_tokens_end_with_eot_and_train_only_the_middle(small_tokenizer, 
     middle = ids[ids.index(tok.fim_middle_id) + 1 :]
     assert middle[-1] == tok.eot_id and tok.decode(middle[:-1]) == e.middle
     assert [m for m in mask] == [False] * (len(ids) - len(middle)) + [True] * len(middle)
-    assert ids[0] == (tok.fim_suffix_id if spm else tok.fim_prefix_id)
+    assert ids[: 2 if spm else 1] == ([tok.eot_id, tok.fim_suffix_id] if spm else [tok.fim_prefix_id])  # the inference layout
 
 
 SOURCE = '''

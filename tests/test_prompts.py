@@ -115,3 +115,11 @@ def test_prompt_within_budget_untouched(refact_tokenizer):
         fim_prompt_spm(tok, PREFIX, SUFFIX, budget=3)
     with pytest.raises(MidfillError, match="unknown FIM order"):
         fim_prompt(tok, PREFIX, SUFFIX, order="pms")
+
+
+def test_cursor_indent_is_that_of_the_cursors_line():
+    from midfill.prompts import cursor_indent, indent_of
+
+    assert indent_of("\t  x = 1") == 3 and indent_of("x") == 0
+    assert cursor_indent("def f():\n    ") == 4 and cursor_indent("def f():\n    x = g(") == 4
+    assert cursor_indent("x") == 0 and cursor_indent("class A:\n\tdef f(self):\n\t\t") == 2

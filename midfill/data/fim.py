@@ -1,11 +1,11 @@
 """Fill-in-the-middle transformation at training time.
 
-A document is cut into prefix, middle and suffix, then laid out as the model will see it:
+A document is cut into prefix, middle and suffix, then laid out exactly as the model is asked at
+inference (`prompts.fim_layout`), followed by the middle and <|endoftext|>:
 - PSM: <fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>{middle}<|endoftext|>
-- SPM: <fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>{middle}<|endoftext|>
-  (in packed data the previous document's <|endoftext|> comes first, as in Refact's IDE prompt).
-The end-of-text after the middle teaches the model to stop. Sentinel tokens are inputs, never
-targets: the loss mask is False where the target is a sentinel.
+- SPM: <|endoftext|><fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>{middle}<|endoftext|>
+The end-of-text after the middle teaches the model to stop. The prompt's markers (the sentinels
+and SPM's leading <|endoftext|>) are inputs, never targets: the loss mask is False there.
 
 Cuts: character-level random spans (two uniform cut points, as in "Efficient Training of Language
 Models to Fill in the Middle"), and line-aware ones: one whole line, the rest of a line from a
@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from midfill.prompts import fim_layout
 from midfill.tokenizer import Tokenizer
 
 DEFAULT_SPLITTERS = {"char": 0.5, "line": 0.2, "rest_of_line": 0.15, "lines": 0.15}
@@ -80,16 +81,13 @@ def choose_cut(text: str, rng: random.Random, config: FimConfig) -> tuple[int, i
     raise ValueError(f"unknown FIM splitter {name!r}")
 
 
-def fim_layout(tok: Tokenizer, prefix: str, middle: str, suffix: str, spm: bool) -> tuple[list[int], list[bool]]:
+def fim_example(tok: Tokenizer, prefix: str, middle: str, suffix: str, spm: bool) -> tuple[list[int], list[bool]]:
     """Token ids of one FIM example and, per token, whether it may be a training target."""
-    p, m, s = tok.encode(prefix), tok.encode(middle), tok.encode(suffix)
-    if spm:
-        pieces = [[tok.fim_suffix_id], s, [tok.fim_prefix_id], p, [tok.fim_middle_id], m, [tok.eot_id]]
-    else:
-        pieces = [[tok.fim_prefix_id], p, [tok.fim_suffix_id], s, [tok.fim_middle_id], m, [tok.eot_id]]
-    ids = [t for piece in pieces for t in piece]
-    sentinels = {tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id}
-    return ids, [t not in sentinels for t in ids]
+    prompt = fim_layout(tok, "spm" if spm else "psm", tok.encode(prefix), tok.encode(suffix))
+    answer = tok.encode(middle) + [tok.eot_id]
+    # plain-text ids are never special, so the prompt's special ids are exactly its markers
+    markers = {tok.eot_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id}
+    return prompt + answer, [t not in markers for t in prompt] + [True] * len(answer)
 
 
 def transform(tok: Tokenizer, text: str, rng: random.Random, config: FimConfig) -> tuple[list[int], list[bool]]:
@@ -98,4 +96,4 @@ def transform(tok: Tokenizer, text: str, rng: random.Random, config: FimConfig) 
         ids = tok.encode(text) + [tok.eot_id]
         return ids, [True] * len(ids)
     a, b = choose_cut(text, rng, config)
-    return fim_layout(tok, text[:a], text[a:b], text[b:], spm=rng.random() < config.spm_rate)
+    return fim_example(tok, text[:a], text[a:b], text[b:], spm=rng.random() < config.spm_rate)

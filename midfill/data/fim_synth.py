@@ -5,9 +5,10 @@ Three kinds, cut from real code at a random cursor:
 - single: the rest of a line from a column inside it (from its indentation: the whole line);
 - multi: from a line's indentation to the end of its block: the middle's last line is followed
   by a blank line, a line indented less than the cursor's line, or the end of the file.
-The middle never includes the newline that ends it (the suffix starts with it), and the example
-ends with <|endoftext|>, so the model learns to stop exactly there. Only the middle and that
-<|endoftext|> are loss targets: the prompt is context.
+The middle never includes the newline that ends it (the suffix starts with it). An example is the
+inference prompt itself (`prompts.fim_prompt`, same budget trimming, SPM's leading <|endoftext|>
+included), then the middle and <|endoftext|>, so the model learns to stop exactly there. Only the
+middle and that <|endoftext|> are loss targets: the prompt is context.
 
 Default mix: empty 10%, single 45%, multi 45% (`SynthConfig.kinds`), SPM order half the time.
 """
@@ -17,8 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from midfill.engine.stops import indent_of
-from midfill.prompts import fit_prefix_suffix
+from midfill.prompts import fim_prompt, indent_of
 from midfill.tokenizer import Tokenizer
 
 DEFAULT_KINDS = {"empty": 0.1, "single": 0.45, "multi": 0.45}
@@ -29,7 +29,7 @@ ATTEMPTS = 20  # cursor positions tried per file before giving up on a kind
 class SynthConfig:
     kinds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KINDS))
     spm_rate: float = 0.5
-    prompt_tokens: int = 400  # prefix + suffix budget (the suffix takes at most a quarter)
+    prompt_tokens: int = 400  # the prompt's budget, sentinels included (the suffix takes at most a quarter)
     max_middle_lines: int = 12
 
 
@@ -110,10 +110,6 @@ def synthesize(text: str, rng: random.Random, config: SynthConfig) -> FimExample
 
 def example_tokens(tok: Tokenizer, example: FimExample, spm: bool, prompt_tokens: int) -> tuple[list[int], list[bool]]:
     """The example as the model sees it at inference, then the middle and <|endoftext|>; targets masked."""
-    prefix_ids, suffix_ids = fit_prefix_suffix(tok, example.prefix, example.suffix, prompt_tokens, n_sentinels=3)
-    if spm:
-        prompt = [tok.fim_suffix_id, *suffix_ids, tok.fim_prefix_id, *prefix_ids, tok.fim_middle_id]
-    else:
-        prompt = [tok.fim_prefix_id, *prefix_ids, tok.fim_suffix_id, *suffix_ids, tok.fim_middle_id]
+    prompt = fim_prompt(tok, example.prefix, example.suffix, "spm" if spm else "psm", prompt_tokens)
     answer = tok.encode(example.middle) + [tok.eot_id]
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
