@@ -18,7 +18,6 @@ from midfill.errors import MidfillError
 eval_app = typer.Typer(help="Benchmarks: HumanEval (FIM, completion, chat), infilling, MultiPL-E.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-OutOpt = Annotated[Path, typer.Option(help="Folder for samples, executions and results (reruns resume).")]
 TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (the card: 0.2 for pass@1, 0.8 for pass@10).")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per sample.")]
 
@@ -33,8 +32,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun, out: Path, temperature: float, max_tokens: int,
-                  seed: int) -> None:
+def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun, temperature: float, max_tokens: int) -> None:
     from midfill.engine.scheduler import Engine
     from midfill.eval.runner import EvalConfig, execute_samples, generate_samples, score, write_report
     from midfill.eval.sandbox import Limits
@@ -42,7 +40,8 @@ def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun, out: Pat
     ks = parse_ks(run.k)
     if max(ks) > run.n:
         raise MidfillError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
-    config = EvalConfig(fmt=fmt, n=run.n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=seed)
+    config = EvalConfig(fmt=fmt, n=run.n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=run.seed)
+    out = run.out
     out.mkdir(parents=True, exist_ok=True)
     net, tok = load(loading)
     if config.max_new_tokens >= net.config.n_positions:
@@ -87,20 +86,18 @@ def print_result(result: dict, out: Path) -> None:
 @options
 def eval_humaneval(
     *,
-    out: OutOpt,
     format: Annotated[str, typer.Option("--format", help="fim, completion or chat.")] = "fim",
     loading: ModelLoading,
     run: EvalRun,
     temperature: TempOpt = 0.2,
     max_tokens: MaxTokensOpt = 384,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """HumanEval pass@k in Refact's FIM format, left-to-right completion, or the chat format."""
     from midfill.eval.tasks import FORMATS, humaneval_tasks
 
     if format not in FORMATS:
         raise MidfillError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
-    run_benchmark(humaneval_tasks()[: run.limit], format, loading, run, out, temperature, max_tokens, seed)
+    run_benchmark(humaneval_tasks()[: run.limit], format, loading, run, temperature, max_tokens)
 
 
 @eval_app.command("infill")
@@ -108,20 +105,18 @@ def eval_humaneval(
 @options
 def eval_infill(
     *,
-    out: OutOpt,
     mode: Annotated[str, typer.Option(help="single-line, multi-line or random-span.")] = "single-line",
     loading: ModelLoading,
     run: EvalRun,
     temperature: TempOpt = 0.0,
     max_tokens: MaxTokensOpt = 256,
-    seed: Annotated[int, typer.Option(help="Seed for random spans and sampling.")] = 0,
 ) -> None:
     """HumanEval infilling from the canonical solutions, scored by execution and exact match."""
     from midfill.eval.tasks import INFILL_MODES, infill_tasks
 
     if mode not in INFILL_MODES:
         raise MidfillError(f"unknown --mode {mode!r}; use one of {', '.join(INFILL_MODES)}")
-    run_benchmark(infill_tasks(mode, seed)[: run.limit], f"infill-{mode}", loading, run, out, temperature, max_tokens, seed)
+    run_benchmark(infill_tasks(mode, run.seed)[: run.limit], f"infill-{mode}", loading, run, temperature, max_tokens)
 
 
 @eval_app.command("score")
@@ -174,13 +169,11 @@ def eval_score(
 @options
 def eval_multipl_e(
     *,
-    out: OutOpt,
     lang: Annotated[str, typer.Option(help="MultiPL-E language code: js (node) or py.")] = "js",
     loading: ModelLoading,
     run: EvalRun,
     temperature: TempOpt = 0.2,
     max_tokens: MaxTokensOpt = 384,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """MultiPL-E's HumanEval translations, run with the language's runtime (data via `datasets`)."""
     import shutil
@@ -190,4 +183,4 @@ def eval_multipl_e(
     runtime = MULTIPLE_RUNTIMES.get(lang, (None, [""]))[1][0]
     if lang in MULTIPLE_RUNTIMES and shutil.which(runtime) is None:
         raise MidfillError(f"MultiPL-E {lang} needs `{runtime}`, which is not installed here; skipping")
-    run_benchmark(multipl_e_tasks(lang)[: run.limit], "multipl-e", loading, run, out, temperature, max_tokens, seed)
+    run_benchmark(multipl_e_tasks(lang)[: run.limit], "multipl-e", loading, run, temperature, max_tokens)

@@ -12,6 +12,7 @@ import inspect
 import os
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -67,8 +68,10 @@ class Adapter:
 
 @dataclass
 class EvalRun:
-    """How many samples a benchmark draws and how it runs them."""
+    """Where a benchmark writes, how many samples it draws and how it runs them."""
 
+    out: Annotated[Path, typer.Option(help="Folder for samples, executions and results (reruns resume).")]
+    seed: Annotated[int, typer.Option(help="Seed for sampling (and for infilling's random spans).")] = 0
     n: Annotated[int, typer.Option("--n", min=1, help="Samples per problem.")] = 1
     k: KOpt = "1"
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N tasks (a quick run).")] = None
@@ -91,8 +94,8 @@ def options(command):
             annotations[name] = hints.get(name, param.annotation)
             continue
         for field in dataclasses.fields(groups[name]):
-            params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                            annotation=field.type))
+            default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+            params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=field.type))
             annotations[field.name] = field.type
 
     @functools.wraps(command)
