@@ -33,11 +33,10 @@ from midfill.data.fim_synth import FimExample, line_spans
 from midfill.engine import StopRules
 from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.scheduler import Engine
-from midfill.engine.stops import indent_of
 from midfill.eval.stopping import sample_examples
 from midfill.hub import EMBEDDED_MODEL
 from midfill.model.checkpoint import load_model
-from midfill.prompts import fim_prompt_healed
+from midfill.prompts import fim_prompt_healed, indent_of
 from midfill.recipe import stdlib_documents
 from midfill.tokenizer import Tokenizer, load_tokenizer
 

@@ -3,8 +3,9 @@
 import pytest
 
 from midfill.engine.assembler import TextAssembler
-from midfill.engine.stops import StopRules, cursor_indent
+from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
+from midfill.prompts import cursor_indent
 
 
 def run(tok, text: str, rules: StopRules, finish: str = "stop") -> tuple[str, list[str], TextAssembler]:

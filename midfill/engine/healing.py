@@ -3,10 +3,11 @@
 Tokenizing real code never ends a token at the cursor of "retu|rn" or between a newline and the
 indentation that follows it ("\\n" + "    return" is one "\\n   " token and one " return"), so a
 prompt that ends there shows the model a boundary it never saw in training: it answers as if
-the word had ended, or writes the next line at column 0. Healing (prompts.healing_cut) moves the
-prefix's last token out of the prompt and into `required_prefix`: the first generated tokens
-must spell it (each one a prefix of what is left of it, or extending past it), and it is
-dropped from the answer.
+the word had ended, or writes the next line at column 0. A healed request carries the same
+prompt without the prefix's last token (prompts.fim_prompt_healed); if the model's first token
+shows the cut is inside a token (`healing_wanted`), the sequence switches to it, and the first
+generated tokens must spell the backed-off text (each one a prefix of what is left of it, or
+extending past it), which is dropped from the answer.
 """
 
 from __future__ import annotations
@@ -66,3 +67,22 @@ class RequiredPrefix:
     def advance(self, token: int) -> None:
         piece = self.tok.token_bytes(token)
         self.left = self.left[len(piece) :] if self.left.startswith(piece) else b""
+
+
+def healing_wanted(tok: Tokenizer, last: int, first: int, stop_ids: frozenset[int]) -> str | None:
+    """The text to heal (the prompt's last prefix token's), or None to answer the prompt as it is.
+
+    Healing is wanted when the model's own first token would merge with the last one: tokenizing
+    their text together does not give the two tokens back (the cut is not at a boundary the
+    tokenizer makes), or, after a bare newline or indentation, the model would rather stop than
+    write a line it never saw start like that. Otherwise the plain prompt's answer is kept, so a
+    cut at a natural token boundary is answered exactly as without healing.
+    """
+    try:
+        text = tok.token_bytes(last).decode("utf-8")
+        joined = (tok.token_bytes(last) + tok.token_bytes(first)).decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # part of a character: not a boundary healing can reason about
+    if first in stop_ids or first in tok.special_ids:
+        return text if text.startswith("\n") and not text.strip() else None
+    return text if tok.encode(joined) != [last, first] else None

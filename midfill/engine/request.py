@@ -21,8 +21,9 @@ class GenerationRequest:
     max_predict_ms: float | None = None
     serial_group: int | None = None  # requests of one group run one after another, in the order they came
     cache_prompt: bool = True  # reuse cached KV of earlier prompts, and offer this one's to later requests
-    # Token healing: text the answer must start with, generated but not returned (the prompt's backed-off tail).
-    required_prefix: str = ""
+    # Token healing (engine/healing.py): the same prompt without the prefix's last token, used
+    # when the model's own next token would have merged with that token.
+    healed_prompt_ids: list[int] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:

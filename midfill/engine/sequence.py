@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from midfill.engine.assembler import TextAssembler
-from midfill.engine.healing import RequiredPrefix
+from midfill.engine.healing import RequiredPrefix, healing_wanted
 from midfill.engine.prefix_cache import PrefixCache
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
 from midfill.engine.sampling import Sampler
@@ -30,6 +30,16 @@ Event = TextDelta | Finished
 EventSink = Callable[[Event], None]
 
 
+def run_prompt(model: GPTRefactForCausalLM, slab: KVCache, row: int, prompt: list[int], start: int) -> torch.Tensor:
+    """Prefill prompt[start:] into `row` after its first `start` tokens' KV; the last position's logits [1, V]."""
+    slab.lengths[row] = start
+    ids = torch.tensor(prompt, device=model.device)
+    view = slab.rows(row, row + 1)
+    for chunk in range(start, len(prompt), PREFILL_CHUNK):
+        logits = model(ids[None, chunk : chunk + PREFILL_CHUNK], cache=view)
+    return logits[:, -1]
+
+
 class Sequence:
     """A request being generated: its tokens, sampler, text and stop state."""
 
@@ -38,8 +48,9 @@ class Sequence:
         self.request = request
         self.sink = sink
         # without a tokenizer (ids in, ids out: `generate`), there is no text and no stop string
-        self.assembler = assembler or (TextAssembler(tok, request.rules, skip=request.required_prefix) if tok else None)
-        self.required = RequiredPrefix(tok, request.required_prefix) if request.required_prefix else None
+        self.tok = tok
+        self.assembler = assembler or (TextAssembler(tok, request.rules) if tok else None)
+        self.required: RequiredPrefix | None = None  # set when the prompt is healed
         self.sampler = Sampler(request.sampling, device)
         self.tokens = list(request.prompt_ids)  # prompt, then every sampled token
         self.submitted_at = submitted_at
@@ -63,25 +74,41 @@ class Sequence:
         With max_new_tokens == 0 (llama.cpp's n_predict 0) only the prompt runs, to warm the cache.
         """
         started = time.perf_counter()
-        prompt = torch.tensor(self.request.prompt_ids, device=model.device)
-        n_cached, entry = cache.lookup(prompt) if self.request.cache_prompt else (0, None)
+        prompt = self.request.prompt_ids
+        n_cached, entry = cache.lookup(torch.tensor(prompt, device=model.device)) if self.request.cache_prompt else (0, None)
         n_use = min(n_cached, len(prompt) - 1)  # at least one token must run to give logits
         if entry is not None and n_use > 0:
             slab.k[:, row, :n_use] = entry.k[:, :n_use]
             slab.v[:, row, :n_use] = entry.v[:, :n_use]
-        slab.lengths[row] = n_use
-        view = slab.rows(row, row + 1)
-        for start in range(n_use, len(prompt), PREFILL_CHUNK):
-            logits = model(prompt[None, start : start + PREFILL_CHUNK], cache=view)
+        logits = run_prompt(model, slab, row, prompt, n_use)
+        healed = self.request.healed_prompt_ids
+        if healed is not None and self.request.max_new_tokens > 0 and self.tok is not None:
+            logits = self.heal_if_wanted(model, slab, row, healed, logits)
         self.cached_tokens = n_use
         self.prompt_ms = (time.perf_counter() - started) * 1000
         if self.request.sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=model.device)
-            self.seen[0, prompt] = True
+            self.seen[0, torch.tensor(self.tokens, device=model.device)] = True
         if self.request.max_new_tokens == 0:  # a cache warm-up: the prompt's KV is all it wanted
             self.finish_reason = "length"
             return
-        self.sample(logits[:, -1])
+        self.sample(logits)
+
+    def heal_if_wanted(self, model: GPTRefactForCausalLM, slab: KVCache, row: int, healed: list[int],
+                       logits: torch.Tensor) -> torch.Tensor:
+        """Switch to the healed prompt when the model's own next token would merge with the prefix's
+        last one (so a cut the tokenizer itself makes is answered exactly as without healing);
+        return the logits to sample the first token from."""
+        prompt = self.request.prompt_ids
+        keep = next((i for i, (a, b) in enumerate(zip(prompt, healed)) if a != b), len(healed))
+        wanted = healing_wanted(self.tok, prompt[keep], int(logits[0].argmax()), self.request.stop_ids)
+        if wanted is None:
+            return logits
+        slab.lengths[row] = keep  # the rows' KV up to the backed-off token is the healed prompt's too
+        self.tokens = list(healed)
+        self.required = RequiredPrefix(self.tok, wanted)
+        self.assembler.skip = wanted
+        return run_prompt(model, slab, row, healed, keep)
 
     def sample(self, logits: torch.Tensor) -> None:
         """Sample the next token from logits [1, V] and take it; a failure ends this sequence alone."""

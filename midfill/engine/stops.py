@@ -11,20 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from midfill.errors import MidfillError
+from midfill.prompts import indent_of
 
 LINE_MODES = ("free", "single-line", "multi-line")
 MAX_STOP_STRINGS = 32  # OpenAI's own limit is 4; each string is searched for after every token
 MAX_STOP_CHARS = 256
 CLOSERS = set(")]}>\"'`;,:.")  # a completion ending in one the suffix starts with has written it twice
-
-
-def indent_of(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
-
-
-def cursor_indent(prefix: str) -> int:
-    """Indentation of the line the cursor is on (the text after the prefix's last newline)."""
-    return indent_of(prefix.rsplit("\n", 1)[-1])
 
 
 def suffix_window(suffix: str) -> str:

@@ -79,19 +79,21 @@ def sampling(body: CompletionRequest, index: int) -> SamplingParams:
     return SamplingParams(body.temperature, body.top_k, body.top_p, body.repeat_penalty, seed)
 
 
-def with_extra_context(state: ServerState, chunks: list[ExtraChunk], ids: list[int], budget: int) -> list[int]:
+def extra_context(state: ServerState, chunks: list[ExtraChunk], n_prompt: int, budget: int) -> list[int]:
+    """The newest `input_extra` chunks that fit beside a prompt of n_prompt tokens, as ids to put first."""
     extra: list[int] = []
     for chunk in reversed(chunks):  # the newest chunks are last; keep those
         if len(chunk.text) > budget * state.tok.max_token_chars:
             break  # could not fit whatever it tokenizes to
         chunk_ids = state.tok.encode(SNIPPET_SEPARATOR + chunk.text)
-        if len(extra) + len(chunk_ids) + len(ids) > budget:
+        if len(extra) + len(chunk_ids) + n_prompt > budget:
             break
         extra = chunk_ids + extra
-    return extra + ids
+    return extra
 
 
-def generations(body: CompletionRequest, state: ServerState, ids: list[int], rules: StopRules, healed: str = "") -> list[GenerationRequest]:
+def generations(body: CompletionRequest, state: ServerState, ids: list[int], rules: StopRules,
+                healed: list[int] | None = None) -> list[GenerationRequest]:
     """The n_cmpl generations of one prompt; only the first waits for its slot (llama.cpp gives each its own)."""
     return [
         GenerationRequest(
@@ -103,18 +105,19 @@ def generations(body: CompletionRequest, state: ServerState, ids: list[int], rul
             max_predict_ms=body.t_max_predict_ms or None,
             serial_group=None if body.id_slot < 0 or index > 0 else body.id_slot,
             cache_prompt=body.cache_prompt,
-            required_prefix=healed,
+            healed_prompt_ids=healed,
         )
         for index in range(body.n_cmpl)
     ]
 
 
-def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> tuple[list[int], str]:
-    """The FIM prompt's ids, after the extra context, and its healed text."""
+def infill_prompt(body: InfillRequest, state: ServerState, budget: int) -> tuple[list[int], list[int] | None]:
+    """The FIM prompt's ids after the extra context, and the same for its healed form (or None)."""
     prefix = body.input_prefix + body.prompt if isinstance(body.prompt, str) else body.input_prefix
     ids, healed = fim_prompt_healed(state.tok, prefix, body.input_suffix, state.settings.fim_order, budget,
                                     state.settings.token_healing)
-    return with_extra_context(state, body.input_extra, ids, budget), healed
+    extra = extra_context(state, body.input_extra, len(ids), budget)
+    return extra + ids, None if healed is None else extra + healed
 
 
 @router.post("/infill")

@@ -113,10 +113,10 @@ def requested_tokens(body: GenerationFields) -> int | None:
 
 
 def generation(state: ServerState, body: GenerationFields, ids: list[int], choice: int,
-               rules: StopRules, stop_ids: frozenset[int], healed: str = "") -> GenerationRequest:
+               rules: StopRules, stop_ids: frozenset[int], healed: list[int] | None = None) -> GenerationRequest:
     n_new = answer_length(requested_tokens(body), len(ids), state.ctx, state.settings.max_new_tokens)
     return GenerationRequest(ids, n_new, sampling(body, choice), rules, stop_ids, cache_prompt=body.cache_prompt,
-                             serial_group=None if body.id_slot < 0 else body.id_slot, required_prefix=healed)
+                             serial_group=None if body.id_slot < 0 else body.id_slot, healed_prompt_ids=healed)
 
 
 def sampling(body: GenerationFields, choice: int) -> SamplingParams:
@@ -125,13 +125,13 @@ def sampling(body: GenerationFields, choice: int) -> SamplingParams:
     return SamplingParams(temperature, body.top_k, 1.0 if body.top_p is None else body.top_p, body.repeat_penalty, seed)
 
 
-def completion_prompts(state: ServerState, body: CompletionRequest, budget: int) -> list[tuple[list[int], str, str]]:
-    """Token ids, echo text and healed text (what the answer must start with) of each prompt in the request."""
+def completion_prompts(state: ServerState, body: CompletionRequest, budget: int) -> list[tuple[list[int], str, list[int] | None]]:
+    """Token ids, echo text and healed ids (prompts.fim_prompt_healed) of each prompt in the request."""
     prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else [body.prompt]
     out = []
     for prompt in prompts:
         if isinstance(prompt, list):
-            ids, text, healed = check_token_ids(list(prompt), state.tok.vocab_size), state.tok.decode(prompt), ""
+            ids, text, healed = check_token_ids(list(prompt), state.tok.vocab_size), state.tok.decode(prompt), None
         elif body.suffix is not None:
             ids, healed = fim_prompt_healed(state.tok, prompt, body.suffix, state.settings.fim_order, budget,
                                             state.settings.token_healing)
@@ -140,7 +140,7 @@ def completion_prompts(state: ServerState, body: CompletionRequest, budget: int)
             if len(prompt) > budget * state.tok.max_token_chars:  # too long whatever it tokenizes to
                 raise MidfillError(f"the prompt is over {budget} tokens, the room that max_tokens leaves in the "
                                    f"context of {state.ctx} tokens; shorten the prompt or lower max_tokens")
-            ids, text, healed = state.tok.encode_with_special(prompt), prompt, ""
+            ids, text, healed = state.tok.encode_with_special(prompt), prompt, None
         if not ids:
             raise MidfillError("prompt is empty")
         if len(ids) > budget:

@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from midfill.engine.request import GenerationRequest
 from midfill.engine.sampling import SamplingParams
-from midfill.engine.stops import StopRules, cursor_indent
+from midfill.engine.stops import StopRules
 from midfill.errors import MidfillError
-from midfill.prompts import fim_prompt_healed
+from midfill.prompts import cursor_indent, fim_prompt_healed
 from midfill.server.bridge import ENGINE_FAILED, EngineCall, StreamFormat, finish_reason, stream_response
 from midfill.server.checks import prompt_budget, stop_strings
 from midfill.server.state import ServerState, WireModel, get_state
@@ -150,7 +150,7 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
         StopRules.for_mode(mode, cursor_indent(prefix), stop_strings(params.stop), state.settings.overlap_window(suffix)),
         frozenset({state.tok.eot_id}),
         cache_prompt=not body.no_cache,
-        required_prefix=healed,
+        healed_prompt_ids=healed,
     )
     call = EngineCall(state.engine, state.metrics, "/v1/code-completion", [request])
     base = {"snippet_telemetry_id": next(telemetry_ids), "model": state.settings.model_name, "created": time.time()}
