@@ -16,9 +16,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rules: StopRules = field(default_factory=StopRules)
     stop_ids: frozenset[int] = frozenset({0})
-    # llama.cpp's t_max_predict_ms: once this long has passed since the first token and a newline
-    # has been generated, stop (an editor would rather have a few lines now than many later).
-    max_predict_ms: float | None = None
+    # A time budget: once this long has passed since the first token and a newline has been
+    # generated, stop (an editor would rather have a few lines now than many later).
+    ms_after_first_token: float | None = None
     serial_group: int | None = None  # requests of one group run one after another, in the order they came
     cache_prompt: bool = True  # reuse cached KV of earlier prompts, and offer this one's to later requests
     # Token healing (engine/healing.py): the same prompt without the prefix's last token, used

@@ -143,8 +143,8 @@ class Sequence:
         elif self.n_sampled >= request.max_new_tokens:
             self.finish_reason = "length"
         elif (
-            request.max_predict_ms is not None
-            and (now - self.first_token_at) * 1000 > request.max_predict_ms
+            request.ms_after_first_token is not None
+            and (now - self.first_token_at) * 1000 > request.ms_after_first_token
             and "\n" in (self.assembler.text if self.assembler else "")
         ):
             self.finish_reason = "time"

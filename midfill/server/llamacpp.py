@@ -102,7 +102,7 @@ def generations(body: CompletionRequest, state: ServerState, ids: list[int], rul
             sampling(body, index),
             rules,
             frozenset({state.tok.eot_id}),
-            max_predict_ms=body.t_max_predict_ms or None,
+            ms_after_first_token=body.t_max_predict_ms or None,  # llama.cpp's name
             serial_group=None if body.id_slot < 0 or index > 0 else body.id_slot,
             cache_prompt=body.cache_prompt,
             healed_prompt_ids=healed,
