@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("midfill.server")
 IGNORED_HEADER = "X-Midfill-Ignored-Fields"
+MAX_HEADER_BYTES = 1024  # clients refuse a long response head (h11's limit is 16 KiB in all)
+MAX_LOGGED_NAMES = 1000  # a client inventing field names must not grow the server's memory
 
 
 class LenientModel(BaseModel):
@@ -45,9 +47,18 @@ def note_unknown_fields(http: Request, body: BaseModel, logged: set[tuple[str, s
         return
     http.scope.setdefault("state", {})["ignored_fields"] = names
     for name in names:
-        if (http.url.path, name) not in logged:
+        if (http.url.path, name) not in logged and len(logged) < MAX_LOGGED_NAMES:
             logged.add((http.url.path, name))
             log.info("%s: ignoring field %r, which midfill does not use", http.url.path, name)
+
+
+def header_value(names: list[str]) -> bytes:
+    """The names as a header value: escaped to printable ASCII (a JSON key may hold any character,
+    CR, LF and NUL included, which h11 refuses to send) and cut short past MAX_HEADER_BYTES."""
+    value = ", ".join(names).encode("unicode_escape")
+    if len(value) > MAX_HEADER_BYTES:
+        value = value[: MAX_HEADER_BYTES - 5].rsplit(b", ", 1)[0] + b", ..."
+    return value
 
 
 class NameIgnoredFields:
@@ -63,7 +74,7 @@ class NameIgnoredFields:
         async def send_with_names(message: Message) -> None:
             names = scope.get("state", {}).get("ignored_fields")
             if message["type"] == "http.response.start" and names:
-                message = {**message, "headers": [*message.get("headers", []), (IGNORED_HEADER.lower().encode(), ", ".join(names).encode())]}
+                message = {**message, "headers": [*message.get("headers", []), (IGNORED_HEADER.lower().encode(), header_value(names))]}
             await send(message)
 
         await self.app(scope, receive, send_with_names)
