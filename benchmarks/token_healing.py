@@ -12,7 +12,15 @@ Three cut sets from the standard-library modules the embedded model never traine
   line; the middle is the rest of the line. Here healing should change nothing: the healed answer
   is compared with the unhealed one.
 Every example is completed greedily through the Engine, healed and not (fim_prompt_healed with
-heal True / False), with the single-line stop rule, as an editor's request would be.
+heal True / False: the healed request carries `healed_prompt_ids`), with the single-line stop rule,
+as an editor's request would be.
+
+"offered" counts the requests that carried a healed form (fim_prompt_healed gave one: the prefix
+ends in a word character or a newline and indentation). "applied" counts those the engine switched
+to it: `healing_wanted` called as Sequence.heal_if_wanted calls it, on the backed-off token and the
+plain prompt's greedy first token, which is the unhealed run's first token (the same prompt,
+prefilled alone, no prompt cache). As a check, an offered request not switched must give exactly
+the unhealed answer: "offered, not applied K of N" is printed per set, and K should be N.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 
 from midfill.data.fim_synth import FimExample, line_spans
 from midfill.engine import StopRules
+from midfill.engine.healing import healing_wanted
 from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.scheduler import Engine
 from midfill.eval.stopping import sample_examples
@@ -111,43 +120,53 @@ def cut_at_token_boundary(tok: Tokenizer) -> Callable[[str, random.Random], FimE
 @dataclass
 class Outcome:
     answer: str
-    healed: str  # the required prefix the request carried ("" when not healed)
+    offered: bool  # the request carried a healed form of its prompt
+    first: int | None  # the first generated id (the stop id when that ended an empty answer)
+    applied: str | None = None  # healed runs: the backed-off text the engine heals, None if it does not
 
 
 def complete_all(engine: Engine, tok: Tokenizer, examples: list[FimExample], heal: bool, budget: int,
                  max_new: int) -> list[Outcome]:  # fmt: skip
     """Greedy single-line answers for every example, submitted at once so the engine batches them."""
-    rules = StopRules.for_mode("single-line")
-    answers: list[str | None] = [None] * len(examples)
-    healed, done = [], threading.Semaphore(0)
+    rules, stop_ids = StopRules.for_mode("single-line"), frozenset({tok.eot_id})
+    outcomes: list[Outcome | None] = [None] * len(examples)
+    done = threading.Semaphore(0)
 
-    def sink_for(i: int):
+    def sink_for(i: int, offered: bool):
         def sink(event) -> None:
             if isinstance(event, Finished):
-                assert event.result.finish_reason != "error", f"example {i} failed"
-                answers[i] = event.result.text
+                result = event.result
+                assert result.finish_reason != "error", f"example {i} failed"
+                first = result.token_ids[0] if result.token_ids else tok.eot_id if result.finish_reason == "eos" else None
+                outcomes[i] = Outcome(result.text, offered, first)
                 done.release()
 
         return sink
 
     for i, e in enumerate(examples):
-        ids, required = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal)
-        healed.append(required)
+        ids, healed = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal)
         # No prompt cache: a healed prompt would reuse its unhealed twin's KV, and the comparison
         # would then also measure the cache's arithmetic, not healing alone.
-        engine.submit(GenerationRequest(ids, max_new, rules=rules, stop_ids=frozenset({tok.eot_id}),
-                                        required_prefix=required, cache_prompt=False), sink_for(i))  # fmt: skip
+        engine.submit(GenerationRequest(ids, max_new, rules=rules, stop_ids=stop_ids, healed_prompt_ids=healed,
+                                        cache_prompt=False), sink_for(i, healed is not None))  # fmt: skip
     for _ in examples:
         done.acquire()
-    return [Outcome(a, h) for a, h in zip(answers, healed)]
+    return outcomes  # type: ignore[return-value]
 
 
-def drops_only_the_last_token(tok: Tokenizer, e: FimExample, budget: int) -> bool:
-    """Whether the healed prompt is the unhealed one minus its last prefix token (SPM: the prefix
-    ends just before <fim_middle>), or it also tokenizes or trims the prefix differently."""
-    plain, _ = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal=False)
-    healed, _ = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal=True)
-    return healed[:-1] == plain[:-2]
+def mark_applied(tok: Tokenizer, examples: list[FimExample], off: list[Outcome], on: list[Outcome],
+                 budget: int) -> None:  # fmt: skip
+    """Fill in `applied` of the healed runs: what Sequence.heal_if_wanted decides, from the plain
+    prompt's greedy first token (the unhealed run's first token)."""
+    stop_ids = frozenset({tok.eot_id})
+    for e, a, b in zip(examples, off, on):
+        if not b.offered:
+            continue
+        plain, healed = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal=True)
+        assert healed is not None and healed == plain[:-2] + plain[-1:], "SPM: the healed form drops the last prefix token"
+        keep = next((i for i, (x, y) in enumerate(zip(plain, healed)) if x != y), len(healed))
+        assert a.first is not None, "an unhealed answer with no first token"
+        b.applied = healing_wanted(tok, plain[keep], a.first, stop_ids)
 
 
 def percent(count: int, total: int) -> str:
@@ -161,15 +180,32 @@ def report(name: str, examples: list[FimExample], off: list[Outcome], on: list[O
         exact = sum(o.answer.strip() == e.middle.strip() for o, e in zip(outcomes, examples))
         unstripped = sum(o.answer == e.middle.rstrip() for o, e in zip(outcomes, examples))
         empty = sum(not o.answer.strip() for o in outcomes)
-        applied = sum(bool(o.healed) for o in outcomes)
+        offered = sum(o.offered for o in outcomes)
+        applied = sum(o.applied is not None for o in outcomes)
         unstripped_cell = percent(unstripped, n) if name == "column 0" else "-"
-        rows.append(f"| {name} | {n} | {label} | {percent(applied, n)} | {percent(exact, n)} | {unstripped_cell} "
-                    f"| {percent(empty, n)} |")  # fmt: skip
+        rows.append(f"| {name} | {n} | {label} | {percent(offered, n)} | {percent(applied, n)} | {percent(exact, n)} "
+                    f"| {unstripped_cell} | {percent(empty, n)} |")  # fmt: skip
     return rows
 
 
+def identical(name: str, off: list[Outcome], on: list[Outcome]) -> str:
+    """How often the healed answer is the unhealed one: all, where a healed form was offered, where
+    the engine switched to it, and where it was offered but not used (which should be every one)."""
+    same = [a.answer == b.answer for a, b in zip(off, on)]
+
+    def of(keep: list[bool]) -> str:
+        picked = [s for s, k in zip(same, keep) if k]
+        return f"{sum(picked)} of {len(picked)}"
+
+    offered = [b.offered for b in on]
+    applied = [b.applied is not None for b in on]
+    kept = [o and not s for o, s in zip(offered, applied)]
+    return (f"{name}, healed answer == unhealed answer: all {of([True] * len(same))}; offered a healed form "
+            f"{of(offered)}; healing applied {of(applied)}; offered, not applied {of(kept)}")  # fmt: skip
+
+
 def show(e: FimExample, off: Outcome, on: Outcome) -> str:
-    return (f"  prefix tail {e.prefix[-40:]!r}, middle {e.middle!r}, healed {on.healed!r}\n"
+    return (f"  prefix tail {e.prefix[-40:]!r}, middle {e.middle!r}, healed {on.applied!r}\n"
             f"    unhealed answer {off.answer!r}\n    healed answer   {on.answer!r}")  # fmt: skip
 
 
@@ -195,33 +231,29 @@ def main() -> None:
         for name, examples in sets.items():
             off = complete_all(engine, tok, examples, False, args.prompt_tokens, args.max_new_tokens)
             on = complete_all(engine, tok, examples, True, args.prompt_tokens, args.max_new_tokens)
+            mark_applied(tok, examples, off, on, args.prompt_tokens)
             results[name] = off, on
             rows += report(name, examples, off, on)
             print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         engine.stop()
-    print("\n| cut set | n | healing | healed | exact match | exact, unstripped | empty answers |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| cut set | n | healing | healed form offered | healing applied | exact match | exact, unstripped "
+          "| empty answers |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-
-    examples, (off, on) = sets["token boundary"], results["token boundary"]
-    same = [a.answer == b.answer for a, b in zip(off, on)]
-    untouched = [s for s, b in zip(same, on) if not b.healed]
-    touched = [s for s, b in zip(same, on) if b.healed]
-    one_less = [i for i, b in enumerate(on) if b.healed and drops_only_the_last_token(tok, examples[i], args.prompt_tokens)]
-    print(f"\ntoken boundary, healed answer == unhealed answer: all {percent(sum(same), len(same))} of {len(same)}; "
-          f"where healing_cut was \"\" {percent(sum(untouched), len(untouched))} of {len(untouched)}; "
-          f"where it backed off a token {percent(sum(touched), len(touched))} of {len(touched)}, of which "
-          f"{sum(same[i] for i in one_less)} of the {len(one_less)} whose healed prompt is the unhealed one "
-          "minus its last prefix token")  # fmt: skip
+    print()
+    for name, (off, on) in results.items():
+        print(identical(name, off, on))
     if args.dump:
         with args.dump.open("w", encoding="utf-8") as f:
             for name, examples_of_set in sets.items():
                 for e, a, b in zip(examples_of_set, *results[name]):
-                    record = {"set": name, "prefix_tail": e.prefix[-80:], "middle": e.middle, "healed": b.healed,
-                              "answer_unhealed": a.answer, "answer_healed": b.answer}  # fmt: skip
+                    record = {"set": name, "prefix_tail": e.prefix[-80:], "middle": e.middle, "offered": b.offered,
+                              "applied": b.applied, "answer_unhealed": a.answer, "answer_healed": b.answer}  # fmt: skip
                     f.write(json.dumps(record) + "\n")
-    differing = [i for i in one_less if not same[i]]  # healing alone changed these answers
+    examples, (off, on) = sets["token boundary"], results["token boundary"]
+    differing = [i for i, (a, b) in enumerate(zip(off, on)) if a.answer != b.answer]
+    print(f"\ntoken boundary: {len(differing)} answers differ, e.g.:")
     for i in differing[:5]:
         print(show(examples[i], off[i], on[i]))
 
