@@ -53,6 +53,7 @@ class Sequence:
         self.required: RequiredPrefix | None = None  # set when the prompt is healed
         self.sampler = Sampler(request.sampling, device)
         self.tokens = list(request.prompt_ids)  # prompt, then every sampled token
+        self.n_prompt = len(self.tokens)  # the prompt's share of `tokens` (one fewer once healed)
         self.submitted_at = submitted_at
         self.seen: torch.Tensor | None = None  # [1, V] tokens in context, for the repetition penalty
         self.cached_tokens = 0
@@ -65,7 +66,7 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         """The sampled token ids, without the stop id that ended them."""
-        ids = self.tokens[len(self.request.prompt_ids) :]
+        ids = self.tokens[self.n_prompt :]
         return ids[:-1] if self.finish_reason == "eos" else ids
 
     def prefill(self, model: GPTRefactForCausalLM, slab: KVCache, row: int, cache: PrefixCache) -> None:
@@ -105,7 +106,7 @@ class Sequence:
         if wanted is None:
             return logits
         slab.lengths[row] = keep  # the rows' KV up to the backed-off token is the healed prompt's too
-        self.tokens = list(healed)
+        self.tokens, self.n_prompt = list(healed), len(healed)
         self.required = RequiredPrefix(self.tok, wanted)
         self.assembler.skip = wanted
         return run_prompt(model, slab, row, healed, keep)
@@ -168,7 +169,7 @@ class Sequence:
         return GenerationResult(
             text=self.assembler.text if self.assembler else "",
             finish_reason=self.finish_reason or "stop",
-            prompt_tokens=len(self.request.prompt_ids),
+            prompt_tokens=self.n_prompt,
             completion_tokens=self.n_sampled,
             cached_tokens=self.cached_tokens,
             prompt_ms=self.prompt_ms,
