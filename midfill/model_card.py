@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 from midfill.train.config import TrainConfig
+from midfill.train.run_folder import RunFolder
 
 METRICS = [
     ("single_line_exact_match", "single-line infill exact match", "{:.1%}"),
@@ -16,9 +17,9 @@ METRICS = [
 ]
 
 
-def run_summary(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    checkpoint_config = json.loads((run / "model" / "config.json").read_text())
+def run_summary(run: RunFolder) -> dict:
+    rows = run.rows()
+    checkpoint_config = json.loads((run.model / "config.json").read_text())
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     tail = rows[-20:]
     return {"steps": len(rows), "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": vals[-1] if vals else None,
@@ -33,7 +34,7 @@ def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: T
     """The card's markdown; `out` is the recipe folder with the data manifests and both runs."""
     pre_data = json.loads((out / "pretrain-data" / "manifest.json").read_text())
     fine_data = json.loads((out / "finetune-data" / "manifest.json").read_text())
-    pre_run, fine_run = run_summary(out / "pretrain"), run_summary(out / "finetune")
+    pre_run, fine_run = run_summary(RunFolder(out / "pretrain")), run_summary(RunFolder(out / "finetune"))
     source = out / "corpus-source.json"  # older recipe folders lack it: then this Python's version
     python = json.loads(source.read_text())["python"] if source.exists() else platform.python_version()
     rows = "\n".join(

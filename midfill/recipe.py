@@ -28,6 +28,7 @@ from midfill.model.checkpoint import load_model, save_model
 from midfill.model_card import model_card
 from midfill.tokenizer import load_tokenizer, train_tokenizer
 from midfill.train.config import TrainConfig
+from midfill.train.run_folder import RunFolder
 from midfill.train.trainer import train
 
 # Modules the embedded model never trains on: its evaluation set.
@@ -137,7 +138,7 @@ def evaluate(out: Path, log: Callable[[str], None] = print) -> dict:
     report = {}
     for name in ("pretrain", "finetune"):
         log(f"evaluating the {name} model on the held-out modules")
-        report[name] = asdict(evaluate_stopping(load_model(out / name / "model"), tok, examples))
+        report[name] = asdict(evaluate_stopping(load_model(RunFolder(out / name).model), tok, examples))
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     return report
 
@@ -145,11 +146,12 @@ def evaluate(out: Path, log: Callable[[str], None] = print) -> dict:
 def export(out: Path, report: dict) -> Path:
     """The shipped form: bf16 weights, tokenizer, loss curves and a model card, in out/model."""
     folder = out / "model"
-    model = load_model(out / "finetune" / "model", dtype="bfloat16")
+    pretrain, finetune = RunFolder(out / "pretrain"), RunFolder(out / "finetune")
+    model = load_model(finetune.model, dtype="bfloat16")
     save_model(model, folder)
     shutil.copy(out / "tokenizer.json", folder / "tokenizer.json")
-    shutil.copy(out / "pretrain" / "loss.png", folder / "loss-pretrain.png")
-    shutil.copy(out / "finetune" / "loss.png", folder / "loss-finetune.png")
+    shutil.copy(pretrain.loss_plot, folder / "loss-pretrain.png")
+    shutil.copy(finetune.loss_plot, folder / "loss-finetune.png")
     card = model_card(out, model.num_parameters(), report, pretrain_config(out), finetune_config(out), HELD_OUT, SEED)
     write_text_atomic(folder / "MODEL_CARD.md", card)
     return folder
@@ -159,15 +161,14 @@ def embedded_recipe(out: Path, until_step: int | None = None, log: Callable[[str
     """Run or resume every step; with until_step, pause pretraining or finetuning after that step."""
     pretrain = prepare_pretraining(out, log)
     train(pretrain, until_step=until_step)
-    if not (out / "pretrain" / "model").exists() or read_step(out / "pretrain") < pretrain.steps:
+    if not RunFolder(pretrain.out_dir).model.exists() or read_step(pretrain.out_dir) < pretrain.steps:
         return None
     finetune = prepare_finetuning(out, log)
     train(finetune, until_step=until_step)
-    if read_step(out / "finetune") < finetune.steps:
+    if read_step(finetune.out_dir) < finetune.steps:
         return None
     return export(out, evaluate(out, log))
 
 
-def read_step(run: Path) -> int:
-    metrics = run / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+def read_step(run: str) -> int:
+    return len(RunFolder(run).rows())  # a row per step

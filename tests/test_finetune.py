@@ -10,8 +10,9 @@ from midfill.cli import app
 from midfill.data.repo import collect
 from midfill.errors import MidfillError
 from midfill.model.checkpoint import load_model
+from midfill.model.lora import LoraConfig, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from midfill.train.finetune import FinetuneConfig, finetune, loss_outliers
-from midfill.train.lora import LoraConfig, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from midfill.train.run_folder import RunFolder
 
 from .helpers import tiny_model
 
@@ -111,13 +112,26 @@ def test_finetune_lowers_test_loss_and_resumes_exactly(tiny_model_dir, code_corp
     assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())[0].startswith("step-000002-loss-")
 
     config = small_run(tiny_model_dir, code_corpus, tmp_path / "resumed", lr=3e-3)
-    assert finetune(config, log=lambda m: None, until_step=3) == {}  # "killed" after step 3: state from step 2
+    folder = RunFolder(config.out)
+    assert finetune(config, log=lambda m: None, until_step=2) == {}
+    state_at_2 = folder.checkpoint.read_bytes()
+    assert finetune(config, log=lambda m: None, until_step=3) == {}
+    folder.checkpoint.write_bytes(state_at_2)  # "killed" after step 3, before its checkpoint: state from step 2
     resumed = finetune(config, log=lambda m: None)
     assert resumed["steps"] == whole["steps"]
+    assert [r["step"] for r in folder.rows()] == [r["step"] for r in RunFolder(tmp_path / "whole").rows()]  # step 3 once
     assert resumed["finetuned"]["test_loss"] == pytest.approx(whole["finetuned"]["test_loss"], rel=1e-5)
     changed = small_run(tiny_model_dir, code_corpus, tmp_path / "resumed", lr=1e-3)
     with pytest.raises(MidfillError, match="other settings"):
         finetune(changed, log=lambda m: None)
+
+
+def test_finetune_stops_early_when_the_test_loss_stalls(tiny_model_dir, code_corpus, tmp_path):
+    report = finetune(small_run(tiny_model_dir, code_corpus, tmp_path, lr=0.0, patience=1), log=lambda m: None)
+    assert report["steps"] == 4  # evaluations after steps 2 and 4: the second is no better, with nothing learned
+    assert "/step-000002-loss-" in report["finetuned"]["checkpoint"]  # the best is the first
+    assert RunFolder(tmp_path).read_progress() == {"state": "done", "step": 4, "total": 4, "test_loss": report["finetuned"]["test_loss"],
+                                                   "eta_s": 0}  # fmt: skip
 
 
 def test_junk_only_repository_ends_with_a_clear_message(tiny_model_dir, tmp_path):
@@ -137,7 +151,7 @@ def test_cli_finetune_merge_and_serve_the_adapter(tiny_model_dir, code_corpus, t
                                  "--patience", "5", "--middle-only"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "rejected: minified" in result.stderr and "| finetuned" in result.stdout
-    settings = torch.load(tmp_path / "run" / "state.pt", weights_only=False)["config"]
+    settings = torch.load(RunFolder(tmp_path / "run").checkpoint, weights_only=False)["config"]
     assert settings["patience"] == 5 and settings["middle_only_loss"] is True and settings["r"] == 4
     adapter = tmp_path / "run" / "adapter"
     merged_dir = tmp_path / "merged"

@@ -75,8 +75,8 @@ def load(loading, lora: str | None = None) -> tuple[GPTRefactForCausalLM, Tokeni
     `loading` (cli/options.ModelLoading) says."""
     model, tokenizer, dtype, device, quantize = (loading.model, loading.tokenizer, loading.dtype, loading.device,
                                                  loading.quantize)
+    from midfill.model.lora import load_adapter, merge_lora
     from midfill.model.quantize import quantize_model
-    from midfill.train.lora import load_adapter, merge_lora
 
     model = model_or_default(model)
     with err.status(f"loading {model} ..."):

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from midfill.cli.common import DeviceOpt, ModelOpt, app, err, model_or_default, out, user_errors
@@ -57,6 +56,8 @@ def finetune(
     """Finetune on your own repositories with LoRA; shows which files were used and why others were not."""
     from midfill.train.finetune import FinetuneConfig
     from midfill.train.finetune import finetune as run_finetune
+    from midfill.train.run_folder import RunFolder
+    from midfill.train.trainer import progress_bar
 
     config = FinetuneConfig(
         repos=[str(r) for r in repos], out=str(out_dir), model=model_or_default(model), include=include or [],
@@ -64,20 +65,9 @@ def finetune(
         block=block, eval_every=eval_every, patience=patience, middle_only_loss=middle_only,
         exact_match_examples=exact_match_examples, test_files=test_files, seed=seed, device=device,
     )  # fmt: skip
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[numbers]}")]  # fmt: skip
-    with Progress(*columns, console=err) as bar:
-        task = None
-
-        def progress(step: int, total: int, numbers: dict) -> None:
-            nonlocal task
-            if task is None:
-                task = bar.add_task("finetune", total=total, numbers="")
-            shown = " ".join(f"{k} {v:.4g}" for k, v in numbers.items())
-            bar.update(task, completed=step, total=total, numbers=shown)
-
+    with progress_bar("finetune", console=err) as progress:
         report = run_finetune(config, progress=progress, log=lambda m: err.print(f"midfill: {m}"), show_files=show_files)
-    out.print((out_dir / "REPORT.md").read_text())
+    out.print(RunFolder(out_dir).report_md.read_text())
     out.print(f"adapter: {report['finetuned']['adapter']}  (serve it: midfill serve --model {config.model} --lora {report['finetuned']['adapter']})")
 
 
@@ -91,7 +81,7 @@ def lora_merge(
     """Fold a LoRA adapter into the base model's weights and save a full checkpoint."""
     from midfill.cli.inference import copy_tokenizer_files
     from midfill.model.checkpoint import load_model, save_model
-    from midfill.train.lora import load_adapter, merge_lora
+    from midfill.model.lora import load_adapter, merge_lora
 
     source = model_or_default(model)
     with err.status(f"merging {lora} into {source} ..."):

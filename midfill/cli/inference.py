@@ -31,6 +31,7 @@ from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model, save_model
 from midfill.prompts import FIM_ORDERS, ChatMessage, chat_prompt, fim_prompt
 from midfill.tokenizer import load_tokenizer
+from midfill.train.run_folder import RunFolder
 
 
 def cursor_split(path: Path, line: int, column: int) -> tuple[str, str]:
@@ -214,7 +215,7 @@ def serve(
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
     default_name = "midfill-embedded" if loading.model is None else Path(loading.model).name
     lora = adapter.lora
-    if finetune_run is None and lora is not None and (Path(lora).parent / "progress.json").is_file():
+    if finetune_run is None and lora is not None and RunFolder(Path(lora).parent).progress.is_file():
         finetune_run = Path(lora).parent  # the run that made the adapter
     settings = ServerSettings(model_name=name or default_name, api_key=api_key or None, fim_order=fim_order,
                               finetune_run=str(finetune_run) if finetune_run else None, host=host,

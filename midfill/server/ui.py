@@ -6,13 +6,13 @@ like /health, and the page asks for the API key when the server wants one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
 from midfill.server.state import ServerState, get_state
+from midfill.train.run_folder import RunFolder
 
 STATIC = Path(__file__).with_name("static")
 router = APIRouter()
@@ -25,20 +25,11 @@ async def index():
 
 def finetune_status(run: Path) -> dict | None:
     """progress.json and the loss curve of a `midfill finetune` run folder, or None when there is none yet."""
-    try:
-        progress = json.loads((run / "progress.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    folder = RunFolder(run)
+    progress = folder.read_progress()
+    if progress is None:
         return None
-    train, test = [], []
-    try:
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if "loss" in row:
-                train.append([row["step"], row["loss"]])
-            if "val_loss" in row:
-                test.append([row["step"], row["val_loss"]])
-    except (OSError, json.JSONDecodeError):
-        pass  # a line being written right now: the next poll has it
+    train, test = folder.curve()
     return {**progress, "run": str(run), "curve": {"train": train[-500:], "test": test}}
 
 

@@ -27,12 +27,9 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class TrainConfig:
-    data: str  # a folder made by `midfill data build`
-    out_dir: str
-    preset: str = "tiny"
-    model: dict[str, int] = field(default_factory=dict)  # overrides of the preset's shape
-    init_from: str | None = None  # a model folder whose weights start the run (a finetune)
+class LoopConfig:
+    """How the training loop optimises, whatever it trains: schedule, batch, evaluation, checkpoints."""
+
     seed: int = 0
     steps: int = 1000
     micro_batch: int = 8  # sequences per process per micro-step
@@ -51,14 +48,11 @@ class TrainConfig:
     early_dropout: float = 0.1  # dropout at step 0 ...
     early_dropout_fraction: float = 0.1  # ... decaying linearly to 0 over this fraction of the steps, then off
     eval_every: int = 100
-    eval_batches: int = 4
     checkpoint_every: int = 100
+    patience: int = 0  # evaluations without a better held-out loss before stopping early; 0: never stop early
     parallel: str = "ddp"  # under torchrun: "ddp", or "fsdp" for models that do not fit one GPU
-    fim: FimConfig = field(default_factory=FimConfig)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise MidfillError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.optimizer not in ("lion", "adamw"):
             raise MidfillError(f"unknown optimizer {self.optimizer!r}; use lion or adamw")
         if self.parallel not in ("ddp", "fsdp"):
@@ -71,6 +65,24 @@ class TrainConfig:
         if not 0 <= self.early_dropout < 1 or not 0 <= self.early_dropout_fraction <= 1:
             raise MidfillError("early_dropout must be in [0, 1) and early_dropout_fraction in [0, 1]")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass(kw_only=True)
+class TrainConfig(LoopConfig):
+    """A pretraining (or full finetuning) run: the loop's settings, the model's shape and the packed data."""
+
+    data: str  # a folder made by `midfill data build`
+    out_dir: str
+    preset: str = "tiny"
+    model: dict[str, int] = field(default_factory=dict)  # overrides of the preset's shape
+    init_from: str | None = None  # a model folder whose weights start the run (a finetune)
+    eval_batches: int = 4
+    fim: FimConfig = field(default_factory=FimConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preset not in PRESETS:
+            raise MidfillError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if isinstance(self.fim, dict):
             self.fim = FimConfig(**self.fim)
 

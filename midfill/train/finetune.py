@@ -1,8 +1,10 @@
 """Finetune a model on a team's repositories with LoRA: select files, hold some out, train on FIM, stop early.
 
-Everything lands in one output folder: files.json (each file accepted or rejected, and why),
-metrics.jsonl, progress.json (read by the server's status page), checkpoints named by step and
-test loss, state.pt (a killed run resumes from its last evaluation), the best adapter in adapter/,
+The training is the trainer's loop (midfill.train.trainer.Run) over a LoRA-wrapped base model, with
+batches cut from the repositories' files. Everything lands in one run folder (RunFolder):
+files.json (each file accepted or rejected, and why), metrics.jsonl (its step-0 row is the base
+model's), progress.json (read by the server's status page), checkpoints named by step and test
+loss, checkpoint.pt (a killed run resumes from its last evaluation), the best adapter in adapter/,
 the test-loss curve and REPORT.md (base vs finetuned test loss, and exact match on held-out lines:
 whole lines from their indentation, and the rest of a line from a random column).
 """
@@ -15,7 +17,6 @@ import math
 import random
 import shutil
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +24,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from midfill.data.batches import sample_seed
 from midfill.data.documents import Document
 from midfill.data.fim_synth import FimExample, SynthConfig, example_single, example_tokens, synthesize
 from midfill.data.repo import collect, split_test_files
-from midfill.engine import StopRules
 from midfill.errors import MidfillError
-from midfill.eval.stopping import complete, sample_examples
-from midfill.files import atomic_path, write_text_atomic
+from midfill.files import write_text_atomic
+from midfill.infill import exact_match, sample_examples
 from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model
+from midfill.model.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
 from midfill.tokenizer import Tokenizer, load_tokenizer
-from midfill.train.lora import LoraConfig, adapter_state, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from midfill.train.checkpoint import read_checkpoint
+from midfill.train.config import LoopConfig
 from midfill.train.plot import plot_losses
-from midfill.train.schedule import warmup_cosine
-
-Progress = Callable[[int, int, dict], None]  # (step, total steps, latest numbers)
+from midfill.train.run_folder import RunFolder
+from midfill.train.trainer import Batch, Cluster, Report, Run
 
 
 @dataclass
@@ -70,6 +72,14 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def loop(self, steps: int) -> LoopConfig:
+        """The training loop's settings: AdamW on the adapter, warmup and cosine down to a tenth of lr,
+        a test loss and a checkpoint every eval_every steps, no autocast (the model's own dtype)."""
+        return LoopConfig(seed=self.seed, steps=steps, micro_batch=self.batch_size, block_size=self.block, optimizer="adamw",
+                          lr=self.lr, min_lr=0.1 * self.lr, warmup_steps=self.warmup_steps, weight_decay=0.0,
+                          betas=(0.9, 0.999), dtype="float32", early_dropout=0.0, eval_every=self.eval_every,
+                          checkpoint_every=self.eval_every, patience=self.patience)  # fmt: skip
 
 
 PROMPT_SHARE = 0.75  # of a block, for prefix and suffix; the rest is room for the middle and <|endoftext|>
@@ -146,24 +156,40 @@ def training_example(tok: Tokenizer, text: str, rng: random.Random, config: "Fin
     return ids, [True] * len(ids)
 
 
-def batch_tensors(tok: Tokenizer, texts: list[str], rng: random.Random, config: "FinetuneConfig",
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Inputs and targets [B, block]; targets are -100 where there is nothing to learn (padding, sentinels)."""
-    block = config.block
-    inputs = torch.full((len(texts), block), tok.eot_id, dtype=torch.long)
-    targets = torch.full((len(texts), block), -100, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids, learn = training_example(tok, text, rng, config)
-        ids, learn = ids[: block + 1], learn[: block + 1]
-        n = len(ids) - 1
-        inputs[row, :n] = torch.tensor(ids[:-1])
-        targets[row, :n] = torch.tensor([t if keep else -100 for t, keep in zip(ids[1:], learn[1:])])
-    return inputs.to(device), targets.to(device)
+class RepoData:
+    """The trainer's batches from a repository's files: chunks of whole lines, each one training
+    example, in an order reshuffled every epoch; the held-out files' chunks for the test loss."""
 
+    def __init__(self, tok: Tokenizer, train_docs: list[Document], test_docs: list[Document], config: FinetuneConfig) -> None:
+        self.tok, self.config = tok, config
+        self.chunks = [c for d in train_docs for c in chunks_of(d.text, config.block * 3)]
+        self.test_chunks = [c for d in test_docs for c in chunks_of(d.text, config.block * 3)]
+        self.steps_per_epoch = math.ceil(len(self.chunks) / config.batch_size)
+        self.eval_batches = math.ceil(len(self.test_chunks) / config.batch_size)
 
-def masked_loss(model: GPTRefactForCausalLM, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    def batch(self, step: int, samples: range) -> Batch:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.chunks)))
+        random.Random(self.config.seed * 1000 + epoch).shuffle(order)
+        start = position * self.config.batch_size
+        return self.tensors([self.chunks[i] for i in order], step, range(start + samples.start, start + samples.stop))
+
+    def held_out(self, index: int, samples: range) -> Batch:
+        start = index * self.config.batch_size
+        return self.tensors(self.test_chunks, -1, range(start + samples.start, start + samples.stop))
+
+    def tensors(self, texts: list[str], step: int, indices: range) -> Batch:
+        """Inputs, targets and loss mask [B, block] of texts[indices]; padding teaches nothing."""
+        block, picked = self.config.block, [i for i in indices if i < len(texts)]
+        inputs = torch.full((len(picked), block), self.tok.eot_id, dtype=torch.long)
+        targets, mask = torch.zeros_like(inputs), torch.zeros(inputs.shape, dtype=torch.bool)
+        for row, i in enumerate(picked):
+            rng = random.Random(sample_seed(self.config.seed, step, i))
+            ids, learn = training_example(self.tok, texts[i], rng, self.config)
+            ids, learn = ids[: block + 1], learn[: block + 1]
+            n = len(ids) - 1
+            inputs[row, :n], targets[row, :n], mask[row, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:]), torch.tensor(learn[1:])
+        return inputs, targets, mask
 
 
 def line_examples(texts: list[str], count: int, seed: int) -> list[FimExample]:
@@ -179,38 +205,10 @@ def line_examples(texts: list[str], count: int, seed: int) -> list[FimExample]:
     return examples
 
 
-@dataclass
-class TestSet:
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
-    examples: dict[str, list[FimExample]]  # exact-match examples by kind
-
-    def loss(self, model: GPTRefactForCausalLM) -> float:
-        model.eval()
-        with torch.no_grad():
-            total = sum(float(masked_loss(model, x, y)) for x, y in self.batches)
-        return total / len(self.batches)
-
-
-def make_test_set(tok: Tokenizer, docs: list[Document], config: FinetuneConfig, device: torch.device) -> TestSet:
-    rng = random.Random(config.seed + 1)
-    texts = [c for d in docs for c in chunks_of(d.text, config.block * 3)]
-    batches = [batch_tensors(tok, texts[i : i + config.batch_size], rng, config, device)
-               for i in range(0, len(texts), config.batch_size)]  # fmt: skip
-    files = [d.text for d in docs]
-    return TestSet(batches, {"whole line": line_examples(files, config.exact_match_examples, config.seed),
-                             "rest of line": sample_examples(files, example_single, config.exact_match_examples, random.Random(config.seed))})  # fmt: skip
-
-
-def exact_match(model: GPTRefactForCausalLM, tok: Tokenizer, test: TestSet, block: int) -> dict[str, float]:
+def exact_matches(model: GPTRefactForCausalLM, tok: Tokenizer, examples: dict[str, list[FimExample]], block: int) -> dict[str, float]:
     """Share of held-out examples of each kind completed exactly (single-line stop rule, as an editor asks)."""
     model.eval()
-    rules = StopRules.for_mode("single-line")
-    return {kind: sum(complete(model, tok, e, rules, block, 48) == e.middle.rstrip() for e in examples) / max(len(examples), 1)
-            for kind, examples in test.examples.items()}  # fmt: skip
-
-
-def write_json(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return {kind: exact_match(model, tok, of_kind, block, 48) for kind, of_kind in examples.items()}
 
 
 def select_files(config: FinetuneConfig, model: GPTRefactForCausalLM, tok: Tokenizer) -> tuple[list[Document], list]:
@@ -227,142 +225,85 @@ def select_files(config: FinetuneConfig, model: GPTRefactForCausalLM, tok: Token
     return accepted, rejected
 
 
-def finetune(config: FinetuneConfig, progress: Progress | None = None, log: Callable[[str], None] = print,
+def finetune(config: FinetuneConfig, progress: Report | None = None, log: Callable[[str], None] = print,
              until_step: int | None = None, show_files: Callable[[list, list, list], None] | None = None) -> dict:  # fmt: skip
-    """Run (or resume) the finetune; returns the report (empty when `until_step` stopped it early, as a kill would).
+    """Run (or resume) the finetune; returns the report (empty when `until_step` paused it, checkpointed).
 
     show_files(train, test, rejected) is called once the files are chosen, before training starts.
     """
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "state.pt"
-    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
-    if state is not None and state["config"] != config.to_dict():
-        raise MidfillError(f"{out} holds a finetune with other settings; use a new --out or the same options")
-
+    folder = RunFolder(config.out)
+    fresh = read_checkpoint(folder.checkpoint, config) is None  # a folder of another finetune is refused before it is touched
     device = torch.device(config.device)
     model = load_model(config.model, dtype="bfloat16" if device.type == "cuda" else "float32", device=device)
     tok = load_tokenizer(model.source)
     accepted, rejected = select_files(config, model, tok)
     train_docs, test_docs = split_test_files(accepted, config.seed, config.test_files)
-    write_json(out / "files.json", {
+    write_text_atomic(folder.files, json.dumps({
         "train": [d.path for d in train_docs], "test": [d.path for d in test_docs],
         "rejected": [{"path": p, "reason": r} for p, r in rejected],
-    })  # fmt: skip
+    }, indent=2) + "\n")  # fmt: skip
     if show_files is not None:
         show_files(train_docs, test_docs, rejected)
-    log(f"{len(train_docs)} training files, {len(test_docs)} test files, {len(rejected)} rejected (see {out / 'files.json'})")
+    log(f"{len(train_docs)} training files, {len(test_docs)} test files, {len(rejected)} rejected (see {folder.files})")
 
-    test = make_test_set(tok, test_docs, config, device)
-    chunks = [c for d in train_docs for c in chunks_of(d.text, config.block * 3)]
-    train_tokens = sum(len(tok.encode(c)) for c in chunks)
+    data, files, n = RepoData(tok, train_docs, test_docs, config), [d.text for d in test_docs], config.exact_match_examples
+    examples = {"whole line": line_examples(files, n, config.seed),
+                "rest of line": sample_examples(files, example_single, n, random.Random(config.seed))}  # fmt: skip
+    train_tokens = sum(len(tok.encode(c)) for c in data.chunks)
     epochs = config.epochs or max(1, min(10, math.ceil(config.target_tokens / max(train_tokens, 1))))
-    steps_per_epoch = math.ceil(len(chunks) / config.batch_size)
-    total = epochs * steps_per_epoch if config.max_steps is None else min(config.max_steps, epochs * steps_per_epoch)
-
-    if state is None:
-        base_loss = test.loss(model)
-        # exact match in float32 for base and finetuned alike (finish() measures the merged adapter so)
+    steps = epochs * data.steps_per_epoch if config.max_steps is None else min(config.max_steps, epochs * data.steps_per_epoch)
+    if fresh:  # exact match in float32 for base and finetuned alike (finish() measures the merged adapter so)
         reference = model if model.dtype == torch.float32 else load_model(config.model, device=device)
-        base_match = exact_match(reference, tok, test, config.block)
+        base_match = exact_matches(reference, tok, examples, config.block)
         del reference
-        state = {"config": config.to_dict(), "step": 0, "best": (math.inf, None), "bad_evals": 0,
-                 "base": {"test_loss": base_loss, "exact_match": base_match}, "last_test": base_loss}  # fmt: skip
-        with open(out / "metrics.jsonl", "w") as f:
-            f.write(json.dumps({"step": 0, "val_loss": base_loss}) + "\n")
     lora = LoraConfig(config.r, config.alpha, config.dropout)
     torch.manual_seed(config.seed)
     add_lora(model, lora)
-    params = [p for layer in lora_layers(model).values() for p in (layer.lora_a, layer.lora_b)]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    if "adapter" in state:
-        for name, layer in lora_layers(model).items():
-            layer.lora_a.data.copy_(state["adapter"][f"{name}.lora_a"])
-            layer.lora_b.data.copy_(state["adapter"][f"{name}.lora_b"])
-        optimizer.load_state_dict(state["optimizer"])
-        log(f"resuming at step {state['step']} of {total}")
 
-    step, started = state["step"], time.perf_counter()
-    first_step = step
-    while step < total and (until_step is None or step < until_step):
-        epoch, position = divmod(step, steps_per_epoch)
-        order = list(range(len(chunks)))
-        random.Random(config.seed * 1000 + epoch).shuffle(order)
-        picked = [chunks[i] for i in order[position * config.batch_size : (position + 1) * config.batch_size]]
-        rng = random.Random(config.seed * 1_000_003 + step)
-        torch.manual_seed(config.seed + step)  # LoRA dropout: the same draws after a resume
-        inputs, targets = batch_tensors(tok, picked, rng, config, device)
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, total, config.lr, 0.1 * config.lr, config.warmup_steps)
-        loss = masked_loss(model, inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        numbers = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **numbers}) + "\n")
-        if step % config.eval_every == 0 or step == total:
-            test_loss = test.loss(model)
-            numbers["test_loss"] = state["last_test"] = test_loss
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "val_loss": test_loss}) + "\n")
-            checkpoint = out / "checkpoints" / f"step-{step:06d}-loss-{test_loss:.4f}"
-            save_adapter(model, lora, checkpoint, {"step": step, "test_loss": test_loss, "base_model": config.model})
-            if test_loss < state["best"][0]:
-                state["best"], state["bad_evals"] = (test_loss, str(checkpoint)), 0
-            else:
-                state["bad_evals"] += 1
-            state.update(step=step, adapter=adapter_state(model), optimizer=optimizer.state_dict())
-            with atomic_path(state_path) as tmp:
-                torch.save(state, tmp)
-            if state["bad_evals"] >= config.patience:
-                log(f"stopping early at step {step}: the test loss has not improved for {config.patience} evaluations")
-                total = step
-        elapsed = time.perf_counter() - started
-        write_json(out / "progress.json", {"state": "running", "step": step, "total": total, **numbers,
-                                           "test_loss": state["last_test"],
-                                           "eta_s": elapsed / max(step - first_step, 1) * (total - step)})  # fmt: skip
-        if progress is not None:
-            progress(step, total, numbers)
-    if step < total:  # stopped by until_step: the state on disk is the resume point
+    def save(step: int, test_loss: float) -> None:
+        meta = {"step": step, "test_loss": test_loss, "base_model": config.model}
+        save_adapter(model, lora, folder.checkpoint_dir(step, test_loss), meta)
+
+    run = Run(model, data, folder, config.loop(steps), config, Cluster(device=device), on_eval=save)
+    if fresh:  # the new adapter changes nothing yet: this is the base model's test loss
+        run.last_val_loss = run.eval_loss()
+        folder.log({"step": 0, "val_loss": run.last_val_loss, "exact_match": base_match})
+    else:
+        log(f"resuming at step {run.step} of {steps}")
+    if not run.fit(until_step, progress):
         return {}
-    return finish(config, out, tok, test, state, train_docs, test_docs, rejected)
+    if run.stopped_early:
+        log(f"stopped early at step {run.step}: the test loss has not improved for {config.patience} evaluations")
+    return finish(config, run, tok, examples, {"train": len(train_docs), "test": len(test_docs), "rejected": len(rejected)})
 
 
-def finish(config: FinetuneConfig, out: Path, tok: Tokenizer, test: TestSet, state: dict, train_docs: list[Document],
-           test_docs: list[Document], rejected: list) -> dict:  # fmt: skip
+def finish(config: FinetuneConfig, run: Run, tok: Tokenizer, examples: dict[str, list[FimExample]], files: dict[str, int]) -> dict:
     """Copy the best adapter to adapter/, measure it, write the curve and the report."""
-    best_loss, best_dir = state["best"]
-    adapter_dir = out / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    shutil.copytree(best_dir, adapter_dir)
+    folder, best_dir = run.folder, run.folder.checkpoint_dir(run.best_step, run.best_val_loss)
+    shutil.copytree(best_dir, folder.adapter, dirs_exist_ok=True)  # an adapter is always the same two files
     best = load_model(config.model, device=config.device)
-    load_adapter(best, adapter_dir)
+    load_adapter(best, folder.adapter)
     merge_lora(best)
+    base = folder.rows()[0]
     report = {
-        "base": state["base"],
-        "finetuned": {"test_loss": best_loss, "exact_match": exact_match(best, tok, test, config.block),
-                      "adapter": str(adapter_dir), "checkpoint": best_dir},  # fmt: skip
-        "files": {"train": len(train_docs), "test": len(test_docs), "rejected": len(rejected)},
-        "steps": state["step"],
+        "base": {"test_loss": base["val_loss"], "exact_match": base["exact_match"]},
+        "finetuned": {"test_loss": run.best_val_loss, "exact_match": exact_matches(best, tok, examples, config.block),
+                      "adapter": str(folder.adapter), "checkpoint": str(best_dir)},  # fmt: skip
+        "files": files,
+        "steps": run.step,
     }
-    write_json(out / "report.json", report)
-    plot_losses(out / "metrics.jsonl", out / "test_loss.png", title="finetune: train and test loss")
-    kinds = list(test.examples)
+    write_text_atomic(folder.report, json.dumps(report, indent=2) + "\n")
+    plot_losses(folder.curve(), folder.test_loss_plot, title="finetune: train and test loss")
+    kinds = list(examples)
     rows = [(name, report[key]) for name, key in (("base", "base"), (f"finetuned (LoRA r={config.r})", "finetuned"))]
-    write_text_atomic(out / "REPORT.md", (
+    write_text_atomic(folder.report_md, (
         "| model | test loss (nats/token) | " + " | ".join(f"{kind} exact match" for kind in kinds) + " |\n"
         + "|---" * (2 + len(kinds)) + "|\n"
         + "".join(f"| {name} | {r['test_loss']:.4f} | " + " | ".join(f"{r['exact_match'][k]:.1%}" for k in kinds) + " |\n"
                   for name, r in rows)
-        + f"\nExact match on {len(test.examples[kinds[0]])} held-out examples of each kind (greedy, single-line stop rule).\n"
-        f"\n{len(train_docs)} training files, {len(test_docs)} test files, {len(rejected)} rejected; "
-        f"{state['step']} steps. ![test loss](test_loss.png)\n"
+        + f"\nExact match on {len(examples[kinds[0]])} held-out examples of each kind (greedy, single-line stop rule).\n"
+        f"\n{files['train']} training files, {files['test']} test files, {files['rejected']} rejected; "
+        f"{run.step} steps. ![test loss]({folder.test_loss_plot.name})\n"
     ))  # fmt: skip
-    write_json(out / "progress.json", {"state": "done", "step": state["step"], "total": state["step"],
-                                       "test_loss": best_loss, "eta_s": 0})  # fmt: skip
+    folder.write_progress(state="done", step=run.step, total=run.step, test_loss=run.best_val_loss, eta_s=0)
     return report

@@ -1,26 +1,19 @@
-"""The loss curve as a PNG, from the run's JSONL metrics log."""
+"""The loss curve as a PNG, from a run folder's curve (RunFolder.curve)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from midfill.files import atomic_path
 
 
-def plot_losses(metrics_path: Path, png_path: Path, title: str = "loss") -> None:
+def plot_losses(curve: tuple[list, list], png_path: Path, title: str = "loss") -> None:
     import matplotlib  # imported here: plotting is the only user
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = [], []
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            train.append((row["step"], row["loss"]))
-        if "val_loss" in row:
-            val.append((row["step"], row["val_loss"]))
+    train, val = curve
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)

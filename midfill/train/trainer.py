@@ -1,5 +1,7 @@
-"""The training loop: Lion (or AdamW), warmup + cosine, gradient accumulation and clipping, bf16
-autocast, early dropout, held-out loss, atomic checkpoints and exact resume, DDP or FSDP.
+"""The training loop, for pretraining and the repository finetune alike: Lion (or AdamW), warmup +
+cosine, gradient accumulation and clipping, bf16 autocast, early dropout, held-out loss, early
+stopping, atomic checkpoints and exact resume, DDP or FSDP. What differs between runs is the model
+(new, or a base with a LoRA wrap) and where its batches come from.
 
 Run it in one process, or under `torchrun --nproc_per_node N` (gloo on CPU, nccl on GPU). Every
 batch is a function of (seed, step, sample index) and the global batch is cut the same way for
@@ -10,11 +12,10 @@ run would.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,17 +28,19 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from midfill.data.batches import make_batch, sample_seed
 from midfill.data.packing import TokenShards, read_manifest
 from midfill.errors import MidfillError
-from midfill.files import write_text_atomic
 from midfill.model import GPTRefactForCausalLM, RefactConfig
 from midfill.model.checkpoint import load_model, save_model
-from midfill.tokenizer import load_tokenizer
-from midfill.train.checkpoint import FULL, load_checkpoint, save_checkpoint
-from midfill.train.config import TrainConfig
+from midfill.tokenizer import Tokenizer, load_tokenizer
+from midfill.train.checkpoint import FULL, read_checkpoint, restore, save_checkpoint
+from midfill.train.config import LoopConfig, TrainConfig
 from midfill.train.plot import plot_losses
+from midfill.train.run_folder import RunFolder
 from midfill.train.schedule import early_dropout, learning_rate
 
-METRICS = "metrics.jsonl"
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, loss mask [B, T]
+Report = Callable[[int, int, dict], None]  # (step, total steps, that step's metrics row)
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own seeds, never from a training step's
+LOOP_STATE = ("step", "best_val_loss", "best_step", "last_val_loss", "bad_evals")  # how far a run has come, checkpointed
 
 
 @dataclass
@@ -81,9 +84,9 @@ def init_weights(model: GPTRefactForCausalLM) -> None:
             torch.nn.init.normal_(p, 0.0, std)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def make_optimizer(model: torch.nn.Module, config: LoopConfig) -> torch.optim.Optimizer:
+    trained = [p for p in model.parameters() if p.requires_grad]  # under a LoRA wrap: the adapter
+    decay, no_decay = [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
@@ -92,7 +95,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     return Lion(groups, lr=config.lr, betas=config.betas)
 
 
-def wrap(model: GPTRefactForCausalLM, config: TrainConfig, cluster: Cluster) -> torch.nn.Module:
+def wrap(model: GPTRefactForCausalLM, config: LoopConfig, cluster: Cluster) -> torch.nn.Module:
     if cluster.world == 1:
         return model
     if config.parallel == "fsdp":
@@ -114,76 +117,94 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
-def autocast(config: TrainConfig, device: torch.device):
+def autocast(config: LoopConfig, device: torch.device):
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-class Run:
-    """One training run: the model, its data and optimizer, and what has been logged so far."""
+class PackedData:
+    """Batches from the token shards of `midfill data build`: random windows, FIM applied per document.
 
-    def __init__(self, config: TrainConfig, cluster: Cluster) -> None:
-        self.config, self.cluster = config, cluster
-        self.out = Path(config.out_dir)
+    A run's data is any object like this one: `batch(step, samples)` and `held_out(index, samples)`
+    are pure functions of their arguments (samples: indices within the global batch), so resumed
+    and distributed runs see the same batches; `eval_batches` held-out ones make an evaluation."""
+
+    def __init__(self, config: TrainConfig) -> None:
         manifest = read_manifest(config.data)
+        self.config = config
         self.tok = load_tokenizer(Path(config.data) / manifest["tokenizer"])
-        self.train_tokens = TokenShards(config.data, "train")
-        self.val_tokens = TokenShards(config.data, "val") if any(s["tokens"] for s in manifest["splits"]["val"]) else None
-        model_config = RefactConfig(vocab_size=padded_vocab(self.tok.vocab_size), torch_dtype="float32", **config.shape())
-        torch.manual_seed(config.seed)
-        self.model = GPTRefactForCausalLM(model_config)
-        init_weights(self.model)
-        if config.init_from:
-            self.start_from(config.init_from)
-        self.model.to(cluster.device)
-        self.wrapped = wrap(self.model, config, cluster)
-        self.optimizer = make_optimizer(self.wrapped, config)
-        self.step = 0
-        self.best_val = float("inf")
-        resumed = load_checkpoint(self.out, self.wrapped, self.optimizer)
-        if resumed is not None:
-            if TrainConfig.from_dict(resumed["config"]).to_dict() != config.to_dict():  # settings added later take defaults
-                raise MidfillError(f"{self.out}: holds a run with different settings; use another out_dir or the same config")
-            self.step, self.best_val = resumed["step"], resumed["best_val_loss"]
-        if cluster.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.trim_metrics()
+        self.train = TokenShards(config.data, "train")
+        self.val = TokenShards(config.data, "val") if any(s["tokens"] for s in manifest["splits"]["val"]) else None
+        self.eval_batches = config.eval_batches if self.val is not None else 0
 
-    def start_from(self, folder: str) -> None:
-        base = load_model(folder)
+    def batch(self, step: int, samples: range) -> Batch:
+        c = self.config
+        return make_batch(self.train, self.tok, c.seed, step, samples, c.block_size, c.fim)
+
+    def held_out(self, index: int, samples: range) -> Batch:
+        c = self.config
+        return make_batch(self.val, self.tok, c.seed + EVAL_SEED_OFFSET, index, samples, c.block_size, c.fim)
+
+
+def new_model(config: TrainConfig, tok: Tokenizer) -> GPTRefactForCausalLM:
+    """The network of the config's shape, initialised, or started from `init_from`'s weights."""
+    torch.manual_seed(config.seed)
+    model = GPTRefactForCausalLM(RefactConfig(vocab_size=padded_vocab(tok.vocab_size), torch_dtype="float32", **config.shape()))
+    init_weights(model)
+    if config.init_from:
+        base = load_model(config.init_from)
         keys = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "mlp_hidden")
-        theirs, ours = ({k: getattr(c, k) for k in keys} for c in (base.config, self.model.config))
+        theirs, ours = ({k: getattr(c, k) for k in keys} for c in (base.config, model.config))
         if theirs != ours:
-            raise MidfillError(f"init_from {folder}: its shape {theirs} differs from this run's {ours}")
-        self.model.load_state_dict(base.state_dict())
+            raise MidfillError(f"init_from {config.init_from}: its shape {theirs} differs from this run's {ours}")
+        model.load_state_dict(base.state_dict())
+    return model
+
+
+class Run:
+    """One run of the training loop: the model (wrapped for DDP/FSDP), its data (see PackedData),
+    optimizer and schedule, its folder, and how far it has come. `settings` are what a resumed run
+    must match; `on_eval(step, held-out loss)` is called after each evaluation, on every process."""
+
+    def __init__(self, model: GPTRefactForCausalLM, data, folder: RunFolder, config: LoopConfig, settings, cluster: Cluster,
+                 on_eval: Callable[[int, float], None] | None = None) -> None:  # fmt: skip
+        self.model, self.data, self.folder, self.config, self.settings = model, data, folder, config, settings
+        self.cluster, self.on_eval = cluster, on_eval
+        self.wrapped = wrap(model, config, cluster)
+        self.optimizer = make_optimizer(self.wrapped, config)
+        self.step, self.best_val_loss, self.best_step, self.last_val_loss, self.bad_evals = 0, math.inf, None, None, 0
+        resumed = read_checkpoint(folder.checkpoint, settings)
+        if resumed is not None:
+            restore(resumed, self.wrapped, self.optimizer)
+            for key in LOOP_STATE:  # checkpoints from before early stopping lack some: they keep their start values
+                setattr(self, key, resumed.get(key, getattr(self, key)))
+        if cluster.main:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            folder.trim(self.step if resumed is not None else -1)  # a fresh run starts a fresh log
 
     @property
     def tokens_per_step(self) -> int:
         c = self.config
         return c.micro_batch * c.grad_accum * self.cluster.world * c.block_size
 
-    def trim_metrics(self) -> None:
-        """Drop log lines from beyond the checkpoint, so a resumed run's log reads as one run."""
-        path = self.out / METRICS
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < self.step]
-            write_text_atomic(path, "".join(line + "\n" for line in lines))
+    @property
+    def stopped_early(self) -> bool:
+        return self.config.patience > 0 and self.bad_evals >= self.config.patience
 
-    def log(self, row: dict) -> None:
-        if self.cluster.main:
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    @property
+    def total(self) -> int:
+        return self.step if self.stopped_early else self.config.steps
 
-    def micro_batches(self, step: int, seed: int, tokens: TokenShards) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+    def micro_batches(self, step: int, make: Callable[[int, range], Batch]) -> list[tuple[int, Batch]]:
         """This process's micro-batches of a step, with their group numbers: group m * world + rank
         holds samples group * micro_batch ... (group + 1) * micro_batch - 1 of the global batch."""
         c, n = self.config, self.config.micro_batch
         out = []
         for micro in range(c.grad_accum):
             group = micro * self.cluster.world + self.cluster.rank
-            batch = make_batch(tokens, self.tok, seed, step, range(group * n, (group + 1) * n), c.block_size, c.fim)
+            batch = make(step, range(group * n, (group + 1) * n))
             out.append((group, tuple(t.to(self.cluster.device) for t in batch)))
         return out
 
@@ -194,7 +215,7 @@ class Run:
             group["lr"] = lr
         self.model.dropout = early_dropout(c, step)
         self.wrapped.train()
-        batches = self.micro_batches(step, c.seed, self.train_tokens)
+        batches = self.micro_batches(step, self.data.batch)
         total = torch.zeros((), device=self.cluster.device)
         for index, (group, (x, y, mask)) in enumerate(batches):
             torch.manual_seed(sample_seed(c.seed, step, -1 - group))  # dropout masks follow the samples
@@ -215,70 +236,102 @@ class Run:
 
     @torch.no_grad()
     def eval_loss(self) -> float | None:
-        if self.val_tokens is None or self.config.eval_batches == 0:
+        if self.data.eval_batches == 0:
             return None
         self.wrapped.eval()
         total = torch.zeros((), device=self.cluster.device)
-        for i in range(self.config.eval_batches):
-            for _, (x, y, mask) in self.micro_batches(i, self.config.seed + EVAL_SEED_OFFSET, self.val_tokens):
+        for i in range(self.data.eval_batches):
+            for _, (x, y, mask) in self.micro_batches(i, self.data.held_out):
                 with autocast(self.config, self.cluster.device):
                     total += masked_loss(self.wrapped(x), y, mask)
         if self.cluster.world > 1:
             dist.all_reduce(total)
-        return total.item() / (self.config.eval_batches * self.config.grad_accum * self.cluster.world)
+        return total.item() / (self.data.eval_batches * self.config.grad_accum * self.cluster.world)
+
+    def evaluate(self) -> float | None:
+        """The held-out loss now, kept as the best (or counted against the patience)."""
+        val = self.eval_loss()
+        if val is not None:
+            self.last_val_loss = val
+            if val < self.best_val_loss:
+                self.best_val_loss, self.best_step, self.bad_evals = val, self.step, 0
+            else:
+                self.bad_evals += 1
+            if self.on_eval is not None:
+                self.on_eval(self.step, val)
+        return val
+
+    def fit(self, until_step: int | None = None, report: Report | None = None) -> bool:
+        """Train to the end of the schedule or an early stop (True), or pause after `until_step`
+        (False); either way checkpointed. Each step is a metrics row and a progress update."""
+        c = self.config
+        last = min(c.steps, until_step or c.steps)
+        started, first = time.perf_counter(), self.step
+        while self.step < last and not self.stopped_early:
+            began = time.perf_counter()
+            loss = self.train_step()
+            row = {"step": self.step + 1, "loss": loss, "lr": learning_rate(c, self.step), "dropout": early_dropout(c, self.step),
+                   "tokens_per_s": self.tokens_per_step / (time.perf_counter() - began)}  # fmt: skip
+            self.step += 1
+            if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+                val = self.evaluate()
+                if val is not None:
+                    row["val_loss"] = val
+            if self.cluster.main:
+                self.folder.log(row)
+                eta = (time.perf_counter() - started) / (self.step - first) * (self.total - self.step)
+                self.folder.write_progress(state="running", step=self.step, total=self.total, loss=loss, lr=row["lr"],
+                                           test_loss=self.last_val_loss, eta_s=eta)  # fmt: skip
+            if report is not None:
+                report(self.step, self.total, row)
+            if self.step % c.checkpoint_every == 0 or self.step == last or self.stopped_early:
+                self.checkpoint()
+        return self.step >= c.steps or self.stopped_early
 
     def checkpoint(self) -> None:
-        extra = {"step": self.step, "best_val_loss": self.best_val, "config": self.config.to_dict(),
-                 "data_position": {"step": self.step, "samples_seen": self.step * self.tokens_per_step // self.config.block_size},
-                 "schedule": {"lr": learning_rate(self.config, self.step), "dropout": early_dropout(self.config, self.step)}}
-        save_checkpoint(self.out, self.wrapped, self.optimizer, extra, write=self.cluster.main)
+        c = self.config
+        extra = {**{key: getattr(self, key) for key in LOOP_STATE}, "config": self.settings.to_dict(),
+                 "data_position": {"step": self.step, "samples_seen": self.step * self.tokens_per_step // c.block_size},
+                 "schedule": {"lr": learning_rate(c, self.step), "dropout": early_dropout(c, self.step)}}  # fmt: skip
+        save_checkpoint(self.folder.checkpoint, self.wrapped, self.optimizer, extra, write=self.cluster.main)
 
-    def export(self) -> Path:
+    def export(self, tok: Tokenizer) -> Path:
         """The HF-format folder (config.json, model.safetensors, tokenizer.json) that midfill loads."""
-        folder = self.out / "model"
         state = get_model_state_dict(self.wrapped, options=FULL)  # gathers the shards under FSDP
         if self.cluster.main:
             model = GPTRefactForCausalLM(self.model.config)
             model.load_state_dict(state)
-            save_model(model, folder)
-            self.tok.save(folder / "tokenizer.json")
-            plot_losses(self.out / METRICS, self.out / "loss.png", title=f"{self.out.name}: loss")
-        return folder
+            save_model(model, self.folder.model)
+            tok.save(self.folder.model / "tokenizer.json")
+            plot_losses(self.folder.curve(), self.folder.loss_plot, title=f"{self.folder.path.name}: loss")
+        return self.folder.model
 
 
-def train(
-    config: TrainConfig,
-    until_step: int | None = None,
-    show_progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
-) -> Path:
+@contextlib.contextmanager
+def progress_bar(description: str, disable: bool = False, console=None) -> Iterator[Report]:
+    """A progress bar on the terminal, and the `Report` that moves it."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+               TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, disable=disable, console=console) as bar:
+        task = bar.add_task(description, total=None, stats="")
+
+        def report(step: int, total: int, row: dict) -> None:
+            held_out = f"  held-out {row['val_loss']:.3f}" if "val_loss" in row else ""
+            bar.update(task, completed=step, total=total, stats=f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s{held_out}")
+
+        yield report
+
+
+def train(config: TrainConfig, until_step: int | None = None, show_progress: bool = True) -> Path:
     """Train (or resume) a run; stop after `until_step` steps if given (checkpointed, resumable)."""
     cluster = join_cluster()
-    run = Run(config, cluster)
-    last = min(config.steps, until_step or config.steps)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-               TimeRemainingColumn()]
-    with Progress(*columns, disable=not (show_progress and cluster.main)) as progress:
-        task = progress.add_task("training", total=config.steps, completed=run.step, stats="")
-        while run.step < last:
-            started = time.perf_counter()
-            loss = run.train_step()
-            seconds = time.perf_counter() - started
-            row = {"step": run.step, "loss": loss, "lr": learning_rate(config, run.step),
-                   "dropout": early_dropout(config, run.step), "tokens_per_s": run.tokens_per_step / seconds}
-            run.step += 1
-            if config.eval_every and (run.step % config.eval_every == 0 or run.step == config.steps):
-                val = run.eval_loss()
-                if val is not None:
-                    row["val_loss"] = val
-                    run.best_val = min(run.best_val, val)
-            run.log(row)
-            progress.update(task, completed=run.step, stats=f"loss {loss:.3f}  {row['tokens_per_s']:,.0f} tok/s")
-            if on_step is not None:
-                on_step(run.step, loss)
-            if run.step % config.checkpoint_every == 0 or run.step == last:
-                run.checkpoint()
-    folder = run.export()
+    data = PackedData(config)
+    run = Run(new_model(config, data.tok).to(cluster.device), data, RunFolder(config.out_dir), config, config, cluster)
+    with progress_bar("training", disable=not (show_progress and cluster.main)) as report:
+        finished = run.fit(until_step, report)
+    folder = run.export(data.tok)
+    if finished and cluster.main:
+        run.folder.write_progress(state="done", step=run.step, total=run.step, test_loss=run.last_val_loss, eta_s=0)
     if cluster.world > 1:
         dist.barrier()
     return folder
