@@ -11,7 +11,6 @@ On a GPU it also prints MFU: achieved FLOP/s over the card's peak, counting 6 * 
 from __future__ import annotations
 
 import argparse
-import json
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from midfill.data.build import BuildConfig, build_dataset
 from midfill.tokenizer import train_tokenizer
 from midfill.train.config import PRESETS, TrainConfig
+from midfill.train.run_folder import RunFolder
 from midfill.train.trainer import train
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -37,9 +37,10 @@ def run(data: Path, folder: Path, preset: str, steps: int, block: int, micro_bat
     config = TrainConfig(data=str(data), out_dir=str(folder / preset), preset=preset, steps=steps, micro_batch=micro_batch,
                          block_size=block, warmup_steps=1, eval_every=0, checkpoint_every=10**9, dtype=dtype)
     train(config, show_progress=False)
-    rows = [json.loads(line) for line in (folder / preset / "metrics.jsonl").read_text().splitlines()]
+    run_folder = RunFolder(folder / preset)
+    rows = [r for r in run_folder.rows() if "tokens_per_s" in r]
     rates = [r["tokens_per_s"] for r in rows[1:]] or [rows[0]["tokens_per_s"]]  # the first step warms up
-    n_params = sum(p.numel() for p in torch.load(folder / preset / "checkpoint.pt", weights_only=False)["model"].values())
+    n_params = sum(p.numel() for p in torch.load(run_folder.checkpoint, weights_only=False)["model"].values())
     return sum(rates) / len(rates), n_params
 
 
