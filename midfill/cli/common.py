@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
 import typer
@@ -42,6 +43,8 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for reproducible samp
 LoraOpt = Annotated[Optional[str], typer.Option(help="LoRA adapter folder from `midfill finetune`, folded in at load.")]
 KOpt = Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")]
 WorkersOpt = Annotated[int, typer.Option(min=1, help="Sandbox worker processes.")]
+SourcesArg = Annotated[list[str], typer.Argument(help="Folders, git repositories or .jsonl/.parquet shards.")]
+TokenizerFileOpt = Annotated[Path, typer.Option(help="tokenizer.json to tokenize with.")]
 CtxOpt = Annotated[Optional[int], typer.Option(min=16, help="Context size in tokens (default: the model's).")]
 
 
@@ -59,6 +62,13 @@ def user_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_of(flag: str, value: str, choices) -> str:
+    """`value` if it is one of `choices`, else a one-line error naming the flag and the choices."""
+    if value not in choices:
+        raise MidfillError(f"unknown {flag} {value!r}; use one of {', '.join(choices)}")
+    return value
 
 
 def model_or_default(model: str | None) -> str:

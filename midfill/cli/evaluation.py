@@ -11,15 +11,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from midfill.cli.common import KOpt, WorkersOpt, app, err, load, user_errors
+from midfill.cli.common import KOpt, WorkersOpt, app, err, load, one_of, user_errors
 from midfill.cli.options import EvalRun, ModelLoading, options
 from midfill.errors import MidfillError
 
 eval_app = typer.Typer(help="Benchmarks: HumanEval (FIM, completion, chat), infilling, MultiPL-E.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (the card: 0.2 for pass@1, 0.8 for pass@10).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per sample.")]
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -32,7 +30,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun, temperature: float, max_tokens: int) -> None:
+def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun) -> None:
     from midfill.engine.scheduler import Engine
     from midfill.eval.runner import EvalConfig, execute_samples, generate_samples, score, write_report
     from midfill.eval.sandbox import Limits
@@ -40,12 +38,12 @@ def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun, temperat
     ks = parse_ks(run.k)
     if max(ks) > run.n:
         raise MidfillError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
-    config = EvalConfig(fmt=fmt, n=run.n, temperature=temperature, ks=ks, max_new_tokens=max_tokens, seed=run.seed)
+    config = EvalConfig(fmt=fmt, n=run.n, temperature=run.temperature, ks=ks, max_new_tokens=run.max_tokens, seed=run.seed)
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     net, tok = load(loading)
     if config.max_new_tokens >= net.config.n_positions:
-        raise MidfillError(f"--max-tokens {max_tokens} leaves no room for prompts in a {net.config.n_positions}-token context")
+        raise MidfillError(f"--max-tokens {run.max_tokens} leaves no room for prompts in a {net.config.n_positions}-token context")
     engine = Engine(net, tok, max_batch=8, max_queue=64)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err) as progress:
@@ -89,34 +87,27 @@ def eval_humaneval(
     format: Annotated[str, typer.Option("--format", help="fim, completion or chat.")] = "fim",
     loading: ModelLoading,
     run: EvalRun,
-    temperature: TempOpt = 0.2,
-    max_tokens: MaxTokensOpt = 384,
 ) -> None:
     """HumanEval pass@k in Refact's FIM format, left-to-right completion, or the chat format."""
     from midfill.eval.tasks import FORMATS, humaneval_tasks
 
-    if format not in FORMATS:
-        raise MidfillError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
-    run_benchmark(humaneval_tasks()[: run.limit], format, loading, run, temperature, max_tokens)
+    run_benchmark(humaneval_tasks()[: run.limit], one_of("--format", format, FORMATS), loading, run)
 
 
 @eval_app.command("infill")
 @user_errors
-@options
+@options(temperature=0.0, max_tokens=256)
 def eval_infill(
     *,
     mode: Annotated[str, typer.Option(help="single-line, multi-line or random-span.")] = "single-line",
     loading: ModelLoading,
     run: EvalRun,
-    temperature: TempOpt = 0.0,
-    max_tokens: MaxTokensOpt = 256,
 ) -> None:
     """HumanEval infilling from the canonical solutions, scored by execution and exact match."""
     from midfill.eval.tasks import INFILL_MODES, infill_tasks
 
-    if mode not in INFILL_MODES:
-        raise MidfillError(f"unknown --mode {mode!r}; use one of {', '.join(INFILL_MODES)}")
-    run_benchmark(infill_tasks(mode, run.seed)[: run.limit], f"infill-{mode}", loading, run, temperature, max_tokens)
+    tasks = infill_tasks(one_of("--mode", mode, INFILL_MODES), run.seed)
+    run_benchmark(tasks[: run.limit], f"infill-{mode}", loading, run)
 
 
 @eval_app.command("score")
@@ -172,8 +163,6 @@ def eval_multipl_e(
     lang: Annotated[str, typer.Option(help="MultiPL-E language code: js (node) or py.")] = "js",
     loading: ModelLoading,
     run: EvalRun,
-    temperature: TempOpt = 0.2,
-    max_tokens: MaxTokensOpt = 384,
 ) -> None:
     """MultiPL-E's HumanEval translations, run with the language's runtime (data via `datasets`)."""
     import shutil
@@ -183,4 +172,4 @@ def eval_multipl_e(
     runtime = MULTIPLE_RUNTIMES.get(lang, (None, [""]))[1][0]
     if lang in MULTIPLE_RUNTIMES and shutil.which(runtime) is None:
         raise MidfillError(f"MultiPL-E {lang} needs `{runtime}`, which is not installed here; skipping")
-    run_benchmark(multipl_e_tasks(lang)[: run.limit], "multipl-e", loading, run, temperature, max_tokens)
+    run_benchmark(multipl_e_tasks(lang)[: run.limit], "multipl-e", loading, run)

@@ -20,6 +20,7 @@ from midfill.cli.common import (
     err,
     load,
     model_or_default,
+    one_of,
     out,
     user_errors,
 )  # fmt: skip
@@ -86,8 +87,7 @@ def complete(
     adapter: Adapter,
 ) -> None:
     """Fill in the middle at a cursor and stream the completion to the terminal."""
-    if order not in FIM_ORDERS:
-        raise MidfillError(f"unknown --order {order!r}; use spm or psm")
+    one_of("--order", order, FIM_ORDERS)
     if file is not None:
         prefix, suffix = cursor_split(file, line, column)
     rules = StopRules.for_mode(mode, cursor_indent(prefix))
@@ -209,8 +209,7 @@ def serve(
     from midfill.server.listener import server_config
     from midfill.server.state import ServerSettings
 
-    if fim_order not in FIM_ORDERS:
-        raise MidfillError(f"unknown --fim-order {fim_order!r}; use spm or psm")
+    one_of("--fim-order", fim_order, FIM_ORDERS)
     net, tok = load(loading, adapter.lora)
     engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
     default_name = "midfill-embedded" if loading.model is None else Path(loading.model).name

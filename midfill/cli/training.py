@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
-from midfill.cli.common import app, err, user_errors
+from midfill.cli.common import SourcesArg, TokenizerFileOpt, app, err, user_errors
 from midfill.errors import MidfillError
 from midfill.hub import EMBEDDED_MODEL
 from midfill.tokenizer import load_tokenizer
@@ -26,7 +26,7 @@ app.add_typer(data_app, name="data")
 @tokenizer_app.command("train")
 @user_errors
 def tokenizer_train(
-    sources: Annotated[list[str], typer.Argument(help="Folders, git repositories or .jsonl/.parquet shards.")],
+    sources: SourcesArg,
     out: Annotated[Path, typer.Option(help="Where to write tokenizer.json.")] = Path("tokenizer.json"),
     vocab_size: Annotated[int, typer.Option(min=275, help="Tokens, special ones included.")] = 16384,
     max_documents: Annotated[int, typer.Option(min=1, help="Train on at most this many filtered files.")] = 100_000,
@@ -60,9 +60,9 @@ def tokenizer_train(
 @data_app.command("build")
 @user_errors
 def data_build(
-    sources: Annotated[list[str], typer.Argument(help="Folders, git repositories or .jsonl/.parquet shards.")],
+    sources: SourcesArg,
     out: Annotated[Path, typer.Option(help="Build folder (resumes if it has a partial build).")],
-    tokenizer: Annotated[Path, typer.Option(help="tokenizer.json to tokenize with.")],
+    tokenizer: TokenizerFileOpt,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, os.cpu_count() or 1),
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of documents held out.")] = 0.01,
     languages: Annotated[Optional[str], typer.Option(help="Comma-separated languages to keep (default: all known).")] = None,
@@ -101,9 +101,9 @@ def data_build(
 @data_app.command("fim-synth")
 @user_errors
 def data_fim_synth(
-    sources: Annotated[list[str], typer.Argument(help="Folders, git repositories or .jsonl/.parquet shards of code.")],
+    sources: SourcesArg,
     out: Annotated[Path, typer.Option(help="Folder for the example shards.")],
-    tokenizer: Annotated[Path, typer.Option(help="tokenizer.json to tokenize with.")],
+    tokenizer: TokenizerFileOpt,
     examples: Annotated[int, typer.Option(min=1, help="Examples in all.")] = 20000,
     instruct_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of instruction (chat) examples.")] = 0.15,
     mix: Annotated[str, typer.Option(help="Synthetic FIM kinds and weights.")] = "empty=0.1,single=0.45,multi=0.45",
