@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,3 +49,38 @@ def score_samples(folder: Path, rows: list[dict]) -> dict:
     result = CliRunner().invoke(app, ["eval", "score", str(path), "--workers", "2"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def serve_subprocess(folder: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A real `python -m midfill serve` (the embedded model) on a free loopback port, up and healthy:
+    (base URL, process, log file). Killed when the block ends, if it still runs."""
+    import os
+    import sys
+    import time
+
+    import httpx
+
+    from midfill.server.background import free_port
+
+    port = free_port()
+    base, log = f"http://127.0.0.1:{port}", folder / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "midfill", "serve", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, f"server did not come up:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield base, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

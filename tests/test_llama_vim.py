@@ -10,19 +10,17 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import httpx
 import pytest
 
 from midfill.hub import EMBEDDED_MODEL
-from midfill.server.background import free_port
 from tests.conftest import find_golden
+from tests.helpers import serve_subprocess
 
 LLAMA_VIM = find_golden().parent / "clients" / "llama.vim"
 
@@ -70,28 +68,8 @@ class Served:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """A `midfill serve` process on the embedded model: its base URL and its log file."""
-    folder = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
-    log = folder / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "midfill", "serve", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, f"server did not come up:\n{log.read_text()}"
-            time.sleep(0.1)
+    with serve_subprocess(tmp_path_factory.mktemp("serve")) as (base, _, log):
         yield Served(base, log)
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 class Vim:

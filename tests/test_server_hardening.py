@@ -9,12 +9,9 @@ which the lenient routes echo in a response header.
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +25,9 @@ from midfill.engine.sampling import Sampler
 from midfill.engine.scheduler import Engine
 from midfill.hub import EMBEDDED_MODEL
 from midfill.server import llamacpp, openai
-from midfill.server.background import free_port, running_server
+from midfill.server.background import running_server
 from midfill.server.listener import H11WithHeadDeadline
-from tests.helpers import tiny_model
+from tests.helpers import serve_subprocess, tiny_model
 
 KEY = "sekrit"
 GREEDY = {"prompt": "def add(a, b):\n    ", "max_tokens": 12, "temperature": 0}  # the innocent and the plain request
@@ -701,21 +698,7 @@ def test_hostile_unknown_field_names_still_get_an_answer(url, expected, path):
 
 @pytest.mark.skipif(not (EMBEDDED_MODEL / "model.safetensors").is_file(), reason="no embedded model in this checkout")
 def test_sigterm_stops_serve_after_a_hostile_seed(tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.Popen([sys.executable, "-m", "midfill", "serve", "--port", str(port)],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
-            time.sleep(0.1)
+    with serve_subprocess(tmp_path) as (base, proc, log_file):
         plain = {"prompt": "def mean(xs):\n", "max_tokens": 6, "temperature": 0}
         before = httpx.post(base + "/v1/completions", json=plain, timeout=60).json()["choices"][0]["text"]
         hostile = httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 4, "n": 2, "seed": 2**64 - 1},
@@ -725,9 +708,5 @@ def test_sigterm_stops_serve_after_a_hostile_seed(tmp_path):
         assert after == before and httpx.get(base + "/health").json() == {"status": "ok"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = proc.stderr.read()
+    log = log_file.read_text()
     assert "stopped; 0 unfinished requests cancelled" in log and "Traceback" not in log
