@@ -28,8 +28,9 @@ def as_batch(input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) 
     return ids
 
 
-def local_engine(model: GPTRefactForCausalLM, rows: int, tok=None) -> Engine:
-    return Engine(model, tok, max_batch=rows, max_queue=rows, prefix_cache_mb=0)
+def local_engine(model: GPTRefactForCausalLM, rows: int, span: int, tok=None) -> Engine:
+    """An engine whose KV slab holds `rows` sequences of `span` tokens, not the whole context."""
+    return Engine(model, tok, max_batch=rows, max_queue=rows, ctx=span, prefix_cache_mb=0)
 
 
 def check_room(model: GPTRefactForCausalLM, n_prompt: int, max_new_tokens: int) -> None:
@@ -62,7 +63,7 @@ def generate(
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).bool()
     check_room(model, ids.shape[1], max_new_tokens)
     stops = frozenset(stop_ids if stop_ids is not None else {model.config.eos_token_id})
-    engine = local_engine(model, ids.shape[0])
+    engine = local_engine(model, ids.shape[0], ids.shape[1] + max_new_tokens)
     results: list[GenerationResult | None] = [None] * ids.shape[0]
     for row in range(ids.shape[0]):
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, None if seed is None else seed + row)
@@ -86,7 +87,7 @@ def stream_text(
     prompt = as_batch(prompt_ids)[0].tolist()
     check_room(model, len(prompt), max_new_tokens)
     stops = frozenset(stop_ids if stop_ids is not None else {model.config.eos_token_id})
-    engine = local_engine(model, 1, assembler.tok)
+    engine = local_engine(model, 1, len(prompt) + max_new_tokens, assembler.tok)
     deltas: list[str] = []
     engine.submit(GenerationRequest(prompt, max_new_tokens, sampling, assembler.rules, stops, cache_prompt=False),
                   lambda event: deltas.append(event.text) if isinstance(event, TextDelta) else None, assembler=assembler)
