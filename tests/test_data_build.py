@@ -133,3 +133,16 @@ def test_an_unreadable_file_is_rejected_with_its_reason(code_corpus, small_token
     manifest = build_dataset([str(code_corpus)], tmp_path / "b", tokenizer, BuildConfig(workers=1))
     assert manifest["stages"]["filter"]["rejected"]["unreadable (Permission denied)"] == 1
     assert manifest["stages"]["filter"]["docs_in"] == 15
+
+
+def test_dedup_off_keeps_the_duplicates(tmp_path, small_tokenizer):
+    """The ablation's dedup-off build: same filters, every duplicate kept and packed."""
+    jsonl = tmp_path / "shard.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
+    tokenizer = tmp_path / "tok.json"
+    small_tokenizer.save(tokenizer)
+    on = build_dataset([str(jsonl)], tmp_path / "on", tokenizer, BuildConfig(workers=1, val_fraction=0.0))
+    off = build_dataset([str(jsonl)], tmp_path / "off", tokenizer, BuildConfig(workers=1, val_fraction=0.0, dedup=False))
+    assert on["stages"]["dedup"]["docs_out"] < on["stages"]["dedup"]["docs_in"]
+    assert off["stages"]["dedup"]["docs_out"] == off["stages"]["dedup"]["docs_in"] == on["stages"]["dedup"]["docs_in"]
+    assert off["stages"]["pack"]["tokens_out"] > on["stages"]["pack"]["tokens_out"]

@@ -33,6 +33,7 @@ Progress = Callable[[str, int], None]  # (stage, documents just processed)
 @dataclass
 class BuildConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: bool = True  # off only to measure what dedup buys (the recipe's ablation)
     near_dedup_threshold: float = 0.7
     redis: tuple[str, int] | None = None
     val_fraction: float = 0.01
@@ -133,8 +134,9 @@ def stage_dedup(folder: Path, config: BuildConfig, progress: Progress) -> dict:
     stats = {"docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0}
     parts = sorted(source.glob("part-*.jsonl"))
     with worker_pool(config.workers) as executor:
-        for path, (docs, sigs) in zip(parts, executor.map(signatures, parts)):
-            kept = [d for d, s in zip(docs, sigs) if dedup.keep(d.text, s)]
+        read = executor.map(signatures, parts) if config.dedup else ((read_jsonl(path), None) for path in parts)
+        for path, (docs, sigs) in zip(parts, read):
+            kept = [d for d, s in zip(docs, sigs) if dedup.keep(d.text, s)] if config.dedup else docs
             write_jsonl(out / path.name, kept)
             for key, group in (("in", docs), ("out", kept)):
                 stats[f"docs_{key}"] += len(group)
