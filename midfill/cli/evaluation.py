@@ -31,20 +31,13 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 
 def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun) -> None:
-    from midfill.engine.scheduler import Engine
-    from midfill.eval.runner import EvalConfig, execute_samples, generate_samples, score, write_report
-    from midfill.eval.sandbox import Limits
+    from midfill.eval.runner import EvalConfig, run_eval
 
     ks = parse_ks(run.k)
     if max(ks) > run.n:
         raise MidfillError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
     config = EvalConfig(fmt=fmt, n=run.n, temperature=run.temperature, ks=ks, max_new_tokens=run.max_tokens, seed=run.seed)
-    out = run.out
-    out.mkdir(parents=True, exist_ok=True)
     net, tok = load(loading)
-    if config.max_new_tokens >= net.config.n_positions:
-        raise MidfillError(f"--max-tokens {run.max_tokens} leaves no room for prompts in a {net.config.n_positions}-token context")
-    engine = Engine(net, tok, max_batch=8, max_queue=64)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err) as progress:
         bars = {}
@@ -54,15 +47,8 @@ def run_benchmark(tasks, fmt: str, loading: ModelLoading, run: EvalRun) -> None:
                 bars[phase] = progress.add_task(phase, total=total)
             progress.update(bars[phase], completed=done)
 
-        engine.start()
-        try:
-            samples = generate_samples(engine, tasks, config, out / "samples.jsonl", report)
-        finally:
-            engine.stop()
-        executions = execute_samples(tasks, samples, out / "executions.jsonl", run.workers, Limits(), report)
-    result = score(tasks, samples, executions, ks)
-    write_report(out, config, result)
-    print_result(result, out)
+        result = run_eval(net, tok, tasks, config, run.out, run.workers, report)
+    print_result(result, run.out)
 
 
 def print_result(result: dict, out: Path) -> None:

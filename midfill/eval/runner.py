@@ -20,11 +20,13 @@ from midfill.engine.request import Finished, GenerationRequest
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.scheduler import Engine
 from midfill.engine.stops import StopRules
+from midfill.errors import MidfillError
 from midfill.eval.judge import judge_python
 from midfill.eval.passk import mean_pass_at_k
 from midfill.eval.sandbox import Limits, Sandbox
 from midfill.eval.tasks import CHAT_INSTRUCTION, COMPLETION_STOPS, Task, chat_completion
 from midfill.files import write_text_atomic
+from midfill.model import GPTRefactForCausalLM
 from midfill.processes import worker_pool
 from midfill.prompts import ChatMessage, chat_prompt, fim_prompt
 from midfill.tokenizer import Tokenizer
@@ -186,6 +188,25 @@ def score(tasks: list[Task], samples: list[dict], executions: list[dict], ks: tu
               "per_task": {task_id: {"n": len(v), "passed": sum(v)} for task_id, v in sorted(passed.items())}}
     if exact:
         result["exact_match"] = sum(exact) / len(exact)
+    return result
+
+
+def run_eval(model: GPTRefactForCausalLM, tok: Tokenizer, tasks: list[Task], config: EvalConfig, out: Path, workers: int,
+             progress: Progress = lambda phase, done, total: None, max_batch: int = 8) -> dict:
+    """The whole benchmark on a loaded model: batched generation, sandboxed execution, pass@k and
+    the report in `out` (resumable, as generate_samples and execute_samples are)."""
+    if config.max_new_tokens >= model.config.n_positions:
+        raise MidfillError(f"--max-tokens {config.max_new_tokens} leaves no room for prompts in a {model.config.n_positions}-token context")
+    out.mkdir(parents=True, exist_ok=True)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=64)
+    engine.start()
+    try:
+        samples = generate_samples(engine, tasks, config, out / "samples.jsonl", progress)
+    finally:
+        engine.stop()
+    executions = execute_samples(tasks, samples, out / "executions.jsonl", workers, Limits(), progress)
+    result = score(tasks, samples, executions, config.ks)
+    write_report(out, config, result)
     return result
 
 
