@@ -1,11 +1,13 @@
 """`midfill recipe embedded`: the whole pipeline that makes the model shipped inside midfill.
 
-Data: the Python standard library's own sources and test suites (PSF licence), present on every
-machine, minus the HELD_OUT modules, which are kept for evaluation, and minus their tests (which
-would show the model the held-out code's behaviour). Steps, each skipped
-when its output exists and each resumable: corpus -> tokenizer -> data build -> pretraining ->
-finetune mix (85% synthetic FIM, 15% instructions) -> finetune -> evaluation before and after ->
-a bf16 export. Everything is seeded; rerunning the command continues where it stopped.
+Data: the code `pip install -e .` puts on every machine (midfill.data.installed): the Python standard
+library's sources and test suites (PSF licence) and the permissively licensed packages of midfill's
+dependency closure, minus what is held out for evaluation (the HELD_OUT modules, their tests, which
+would show the model the held-out code's behaviour, and HELD_OUT_PACKAGES) and minus the packages
+the evaluations read. Steps, each skipped when its output exists and each resumable: corpus ->
+tokenizer -> data build -> pretraining -> finetune mix (85% synthetic FIM, 15% instructions) ->
+finetune -> evaluation before and after -> a bf16 export. Everything is seeded; rerunning the
+command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from midfill.data.build import BuildConfig, build_dataset
 from midfill.data.documents import Document
 from midfill.data.filters import FilterConfig, reject_reason
 from midfill.data.finetune_mix import MixConfig, build_finetune_mix
+from midfill.data.installed import HELD_OUT, PERMISSIVE, Package, installed_packages, write_installed_corpus
 from midfill.eval.stopping import evaluate_stopping, held_out_examples
 from midfill.files import write_text_atomic
 from midfill.model.checkpoint import load_model, save_model
@@ -31,53 +33,26 @@ from midfill.train.config import TrainConfig
 from midfill.train.run_folder import RunFolder
 from midfill.train.trainer import train
 
-# Modules the embedded model never trains on: its evaluation set.
-HELD_OUT = ("bisect.py", "calendar.py", "colorsys.py", "difflib.py", "fnmatch.py", "fractions.py", "glob.py",
-            "heapq.py", "shlex.py", "statistics.py", "textwrap.py", "json/")  # fmt: skip
-HELD_OUT_NAMES = {h.rstrip("/").removesuffix(".py") for h in HELD_OUT}
-SKIP_PARTS = {"site-packages", "__pycache__", "dist-packages"}
 VOCAB_SIZE = 8192
 SHAPE = dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024)
 SEED = 1234
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+def filters() -> FilterConfig:
+    """The data filters, letting through every licence the corpus admits (some the default list lacks)."""
+    return FilterConfig(licenses=set(PERMISSIVE))
 
 
-def is_held_out(relative: str) -> bool:
-    return any(relative == h or relative.startswith(h) for h in HELD_OUT)
-
-
-def tests_held_out_module(relative: str) -> bool:
-    """test_json/..., test_glob.py: a test of a held-out module."""
-    return any(part.removesuffix(".py").removeprefix("test_") in HELD_OUT_NAMES
-               for part in relative.split("/") if part.startswith("test_"))  # fmt: skip
-
-
-def stdlib_documents(held_out: bool) -> Iterator[Document]:
-    """The standard library's .py files (training part, or the held-out modules)."""
-    root = stdlib_root()
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if SKIP_PARTS & set(relative.split("/")[:-1]) or is_held_out(relative) != held_out:
-            continue
-        if tests_held_out_module(relative):
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        yield Document(text=text, path=relative, lang="python", license="psf-2.0", source="python-stdlib")
-
-
-def write_corpus(path: Path, held_out: bool) -> Path:
-    """The corpus as JSON lines, beside a record of the Python whose standard library it is (the
-    model card names that one, not whichever Python exports the model later)."""
-    source = path.with_name("corpus-source.json")
+def write_corpus(out: Path, packages: list[Package] | None = None) -> None:
+    """corpus-train.jsonl, corpus-heldout.jsonl and their corpus-manifest.json (of installed_packages()
+    unless given), beside a record of the Python whose standard library it is (the model card names
+    that one, not whichever Python exports the model later)."""
+    source = out / "corpus-source.json"
     if not source.exists():
         write_text_atomic(source, json.dumps({"python": platform.python_version()}) + "\n")
-    if not path.exists():
-        write_text_atomic(path, "".join(json.dumps({"content": d.text, "path": d.path, "lang": d.lang, "license": d.license})
-                                        + "\n" for d in stdlib_documents(held_out)))
-    return path
+    if not ((out / "corpus-train.jsonl").exists() and (out / "corpus-heldout.jsonl").exists()):
+        packages = installed_packages() if packages is None else packages
+        write_installed_corpus(out / "corpus-train.jsonl", out / "corpus-heldout.jsonl", out / "corpus-manifest.json", packages)
 
 
 def pretrain_config(out: Path) -> TrainConfig:
@@ -92,8 +67,8 @@ def pretrain_config(out: Path) -> TrainConfig:
 def prepare_pretraining(out: Path, log: Callable[[str], None] = print) -> TrainConfig:
     """Corpus, tokenizer and token shards for pretraining (each step skipped once done)."""
     out.mkdir(parents=True, exist_ok=True)
-    train_corpus = write_corpus(out / "corpus-train.jsonl", held_out=False)
-    write_corpus(out / "corpus-heldout.jsonl", held_out=True)
+    write_corpus(out)
+    train_corpus = out / "corpus-train.jsonl"
     tokenizer_path = out / "tokenizer.json"
     if not tokenizer_path.exists():
         log("training the tokenizer")
@@ -101,7 +76,7 @@ def prepare_pretraining(out: Path, log: Callable[[str], None] = print) -> TrainC
         train_tokenizer(texts, VOCAB_SIZE).save(tokenizer_path)
     if not (out / "pretrain-data" / "manifest.json").exists():
         log("building the pretraining data")
-        build_dataset([str(train_corpus)], out / "pretrain-data", tokenizer_path, BuildConfig(val_fraction=0.02))
+        build_dataset([str(train_corpus)], out / "pretrain-data", tokenizer_path, BuildConfig(filters(), val_fraction=0.02))
     load_tokenizer(tokenizer_path)
     return pretrain_config(out)
 
@@ -121,7 +96,7 @@ def prepare_finetuning(out: Path, log: Callable[[str], None] = print) -> TrainCo
         log("building the finetune mix")
         docs = [Document.from_dict({**json.loads(line), "text": json.loads(line)["content"]})
                 for line in (out / "corpus-train.jsonl").read_text(encoding="utf-8").splitlines()]
-        docs = [d for d in docs if reject_reason(d, FilterConfig()) is None]
+        docs = [d for d in docs if reject_reason(d, filters()) is None]
         tok = load_tokenizer(out / "tokenizer.json")
         build_finetune_mix(docs, tok, out / "tokenizer.json", out / "finetune-data", MixConfig(examples=20000, seed=SEED))
     return finetune_config(out)

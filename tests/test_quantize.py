@@ -203,8 +203,8 @@ def test_packed_greedy_generation_follows_its_own_logits():
 
 def test_embedded_model_keeps_its_predictions_when_packed():
     """Top-1 next-token agreement with bf16 on held-out standard-library modules (issue 7's quality bar)."""
+    from midfill.data.installed import stdlib_documents
     from midfill.hub import EMBEDDED_MODEL
-    from midfill.recipe import stdlib_documents
     from midfill.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(EMBEDDED_MODEL))

@@ -3,12 +3,19 @@
 import json
 import platform
 
-from midfill.recipe import is_held_out, write_corpus
+from midfill.data.installed import installed_packages, is_held_out
+from midfill.recipe import write_corpus
 
 
-def test_held_out_corpus_keeps_only_held_out_modules_and_records_its_python(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus-heldout.jsonl", held_out=True)
-    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
-    assert {"bisect.py", "json/decoder.py"} <= {r["path"] for r in rows}
-    assert all(is_held_out(r["path"]) for r in rows)
+def test_corpus_holds_the_held_out_modules_and_packages_and_records_its_python(tmp_path):
+    packages = [p for p in installed_packages() if p.name in {"starlette", "cycler"}]
+    write_corpus(tmp_path, packages)
+    rows = [json.loads(line) for line in (tmp_path / "corpus-heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"bisect.py", "json/decoder.py", "starlette/starlette/routing.py"} <= {r["path"] for r in rows}
+    assert all(is_held_out(r["path"]) or r["path"].startswith("starlette/") for r in rows)
     assert json.loads((tmp_path / "corpus-source.json").read_text()) == {"python": platform.python_version()}
+    assert json.loads((tmp_path / "corpus-manifest.json").read_text())["python"] == platform.python_version()
+
+    before = (tmp_path / "corpus-train.jsonl").stat().st_mtime_ns
+    write_corpus(tmp_path, [])  # done: skipped, whatever it would be given
+    assert (tmp_path / "corpus-train.jsonl").stat().st_mtime_ns == before
