@@ -13,10 +13,11 @@ command continues where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from midfill.data.build import BuildConfig, build_dataset
@@ -24,18 +25,71 @@ from midfill.data.documents import Document
 from midfill.data.filters import FilterConfig, reject_reason
 from midfill.data.finetune_mix import MixConfig, build_finetune_mix
 from midfill.data.installed import HELD_OUT, PERMISSIVE, Package, installed_packages, write_installed_corpus
+from midfill.engine.decode import generate
+from midfill.errors import MidfillError
+from midfill.eval.heldout_loss import held_out_blocks, held_out_loss
+from midfill.eval.runner import EvalConfig, run_eval
 from midfill.eval.stopping import evaluate_stopping, held_out_examples
+from midfill.eval.tasks import humaneval_tasks
 from midfill.files import write_text_atomic
+from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model, save_model
 from midfill.model_card import model_card
-from midfill.tokenizer import load_tokenizer, train_tokenizer
+from midfill.prompts import ChatMessage, chat_prompt
+from midfill.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from midfill.train.config import TrainConfig
 from midfill.train.run_folder import RunFolder
 from midfill.train.trainer import train
 
 VOCAB_SIZE = 8192
-SHAPE = dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024)
 SEED = 1234
+SORT_QUESTION = "How do I sort a list in Python?"  # the model card shows the chat answer to it, as it comes
+LEARNING_RATES = {"lion": (6e-4, 2e-4), "adamw": (1.8e-3, 6e-4)}  # (pretrain, finetune); AdamW's 3x Lion's, as the Lion paper advises
+BETAS = {"lion": (0.9, 0.99), "adamw": (0.9, 0.95)}
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every choice that decides the model. EMBEDDED is the shipped model; the ablation
+    (benchmarks/recipe_ablation.py) runs SMALL with one choice changed per row."""
+
+    shape: dict[str, int]
+    pretrain_steps: int
+    finetune_steps: int
+    micro_batch: int = 32  # both stages: a finetune step costs what a pretraining step does
+    block_size: int = 512
+    optimizer: str = "lion"
+    early_dropout: float = 0.1
+    dedup: bool = True
+    finetune: str = "card"  # "card": 85% synthetic FIM + 15% instructions; "fim": 100% synthetic FIM; "none"
+    finetune_examples: int = 20000
+    eval_per_kind: int = 100
+    humaneval_tokens: int = 256
+    humaneval_problems: int = 164  # all of them; fewer only where a test needs the pipeline, not the number
+    seed: int = SEED
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("card", "fim", "none"):
+            raise MidfillError(f"unknown finetune {self.finetune!r}; use card, fim or none")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.block_size
+
+    def describe(self) -> str:
+        return (f"pretraining {self.pretrain_steps} steps + finetune {self.finetune_steps} steps of {self.tokens_per_step:,} tokens "
+                f"({(self.pretrain_steps + self.finetune_steps) * self.tokens_per_step:,} tokens per row)")
+
+    def pretrain_key(self) -> str:
+        """Names the pretraining run by what decides it, so rows that share one reuse it."""
+        steps = self.pretrain_steps + (self.finetune_steps if self.finetune == "none" else 0)
+        return f"pretrain-{self.optimizer}-dropout{self.early_dropout}-{'dedup' if self.dedup else 'nodedup'}-{steps}"
+
+
+EMBEDDED = Recipe(shape=dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024), pretrain_steps=2500, finetune_steps=600)
+SMALL = Recipe(shape=dict(n_embd=192, n_layer=4, n_head=4, n_positions=1024), pretrain_steps=160, finetune_steps=40,
+               micro_batch=8, finetune_examples=4000, eval_per_kind=50, humaneval_tokens=128)
 
 
 def filters() -> FilterConfig:
@@ -55,95 +109,141 @@ def write_corpus(out: Path, packages: list[Package] | None = None) -> None:
         write_installed_corpus(out / "corpus-train.jsonl", out / "corpus-heldout.jsonl", out / "corpus-manifest.json", packages)
 
 
-def pretrain_config(out: Path) -> TrainConfig:
-    return TrainConfig(
-        data=str(out / "pretrain-data"), out_dir=str(out / "pretrain"), preset="tiny", model=SHAPE, seed=SEED,
-        steps=2500, micro_batch=32, grad_accum=1, block_size=512, optimizer="lion", lr=6e-4, min_lr=6e-5,
-        warmup_steps=150, weight_decay=0.1, early_dropout=0.1, early_dropout_fraction=0.1, eval_every=250,
-        eval_batches=8, checkpoint_every=250,
-    )
+def corpus_texts(out: Path, split: str) -> list[str]:
+    return [json.loads(line)["content"] for line in (out / f"corpus-{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def prepare_pretraining(out: Path, log: Callable[[str], None] = print) -> TrainConfig:
+def pretrain_data(out: Path, recipe: Recipe) -> Path:
+    return out / ("pretrain-data" if recipe.dedup else "pretrain-data-nodedup")
+
+
+def finetune_data(out: Path, recipe: Recipe) -> Path:
+    return out / ("finetune-data" if recipe.finetune == "card" else "finetune-data-fim")
+
+
+def prepare_pretraining(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) -> None:
     """Corpus, tokenizer and token shards for pretraining (each step skipped once done)."""
     out.mkdir(parents=True, exist_ok=True)
     write_corpus(out)
-    train_corpus = out / "corpus-train.jsonl"
     tokenizer_path = out / "tokenizer.json"
     if not tokenizer_path.exists():
         log("training the tokenizer")
-        texts = (json.loads(line)["content"] for line in train_corpus.read_text(encoding="utf-8").splitlines())
-        train_tokenizer(texts, VOCAB_SIZE).save(tokenizer_path)
-    if not (out / "pretrain-data" / "manifest.json").exists():
-        log("building the pretraining data")
-        build_dataset([str(train_corpus)], out / "pretrain-data", tokenizer_path, BuildConfig(filters(), val_fraction=0.02))
-    load_tokenizer(tokenizer_path)
-    return pretrain_config(out)
+        train_tokenizer(iter(corpus_texts(out, "train")), VOCAB_SIZE).save(tokenizer_path)
+    data = pretrain_data(out, recipe)
+    if not (data / "manifest.json").exists():
+        log(f"building the pretraining data ({'with' if recipe.dedup else 'without'} dedup)")
+        build_dataset([str(out / "corpus-train.jsonl")], data, tokenizer_path, BuildConfig(filters(), dedup=recipe.dedup, val_fraction=0.02))
 
 
-def finetune_config(out: Path) -> TrainConfig:
-    return TrainConfig(
-        data=str(out / "finetune-data"), out_dir=str(out / "finetune"), preset="tiny", model=SHAPE, seed=SEED,
-        init_from=str(out / "pretrain" / "model"), steps=600, micro_batch=32, grad_accum=1, block_size=512,
-        optimizer="lion", lr=2e-4, min_lr=2e-5, warmup_steps=40, weight_decay=0.1, early_dropout=0.0,
-        eval_every=100, eval_batches=8, checkpoint_every=100,
-    )
-
-
-def prepare_finetuning(out: Path, log: Callable[[str], None] = print) -> TrainConfig:
-    """The finetune mix (85% synthetic FIM, 15% instructions) from the training modules."""
-    if not (out / "finetune-data" / "manifest.json").exists():
-        log("building the finetune mix")
+def prepare_finetuning(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) -> None:
+    """The finetune mix from the training files: 85% synthetic FIM + 15% instructions, or all FIM."""
+    data = finetune_data(out, recipe)
+    if not (data / "manifest.json").exists():
+        log(f"building the finetune mix ({recipe.finetune})")
         docs = [Document.from_dict({**json.loads(line), "text": json.loads(line)["content"]})
                 for line in (out / "corpus-train.jsonl").read_text(encoding="utf-8").splitlines()]
         docs = [d for d in docs if reject_reason(d, filters()) is None]
         tok = load_tokenizer(out / "tokenizer.json")
-        build_finetune_mix(docs, tok, out / "tokenizer.json", out / "finetune-data", MixConfig(examples=20000, seed=SEED))
-    return finetune_config(out)
+        mix = MixConfig(examples=recipe.finetune_examples, seed=recipe.seed, instruct_fraction=0.15 if recipe.finetune == "card" else 0.0)
+        build_finetune_mix(docs, tok, out / "tokenizer.json", data, mix)
 
 
-def evaluate(out: Path, log: Callable[[str], None] = print) -> dict:
-    """Stopping metrics on the held-out modules, before and after the finetune (cached in eval.json)."""
-    path = out / "eval.json"
+def stage_config(recipe: Recipe, stage: str, data: Path, run: Path, init_from: Path | None = None) -> TrainConfig:
+    """A stage's training config: the recipe's schedule (warmup 6%, cosine to a tenth), optimizer and batch."""
+    steps = recipe.pretrain_steps + (recipe.finetune_steps if recipe.finetune == "none" else 0)
+    if stage == "finetune":
+        steps = recipe.finetune_steps
+    lr = LEARNING_RATES[recipe.optimizer][stage == "finetune"]
+    return TrainConfig(
+        data=str(data), out_dir=str(run), preset="tiny", model=recipe.shape, seed=recipe.seed,
+        init_from=str(init_from) if init_from else None, steps=steps, micro_batch=recipe.micro_batch, grad_accum=1,
+        block_size=recipe.block_size, optimizer=recipe.optimizer, lr=lr, min_lr=lr / 10, betas=BETAS[recipe.optimizer],
+        warmup_steps=max(10, round(0.06 * steps)), weight_decay=0.1,
+        early_dropout=recipe.early_dropout if stage == "pretrain" else 0.0, early_dropout_fraction=0.1,
+        eval_every=max(1, steps // 10), eval_batches=8, checkpoint_every=max(1, steps // 10),
+    )  # fmt: skip
+
+
+def run_folders(out: Path, recipe: Recipe, keyed: bool) -> tuple[Path, Path]:
+    """(pretraining, finetune) run folders: out/pretrain and out/finetune for the embedded model;
+    out/runs/<settings> when several recipes share a folder (the ablation)."""
+    if not keyed:
+        return out / "pretrain", out / "finetune"
+    key = recipe.pretrain_key()
+    return out / "runs" / key, out / "runs" / f"{key}-finetune-{recipe.finetune}-{recipe.finetune_steps}"
+
+
+def chat_answer(model: GPTRefactForCausalLM, tok: Tokenizer, question: str, max_new_tokens: int = 160) -> str:
+    prompt = chat_prompt(tok, [ChatMessage("system", "You are a programming assistant"), ChatMessage("user", question)])
+    ids = generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids={tok.eot_id, tok.empty_output_id})
+    return tok.decode(ids)
+
+
+def evaluate_model(out: Path, run: Path, recipe: Recipe, log: Log = print) -> dict:
+    """One model's report on the held-out code (cached in its run folder's eval.json): the infill
+    metrics, held-out loss, HumanEval pass@1 (greedy, n=1) in the fim and completion formats, and
+    the chat answer to SORT_QUESTION."""
+    path = run / "eval.json"
     if path.exists():
         return json.loads(path.read_text())
-    texts = [json.loads(line)["content"] for line in (out / "corpus-heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    examples = held_out_examples(texts, per_kind=100, seed=SEED)
-    tok = load_tokenizer(out / "tokenizer.json")
-    report = {}
-    for name in ("pretrain", "finetune"):
-        log(f"evaluating the {name} model on the held-out modules")
-        report[name] = asdict(evaluate_stopping(load_model(RunFolder(out / name).model), tok, examples))
+    log(f"evaluating {run.name} on the held-out code")
+    model, tok = load_model(RunFolder(run).model), load_tokenizer(out / "tokenizer.json")
+    texts = corpus_texts(out, "heldout")
+    report = asdict(evaluate_stopping(model, tok, held_out_examples(texts, per_kind=recipe.eval_per_kind, seed=recipe.seed)))
+    report["held_out_loss"] = held_out_loss(model, held_out_blocks(tok, texts, recipe.block_size, blocks=64))
+    for fmt in ("fim", "completion"):
+        config = EvalConfig(fmt=fmt, n=1, temperature=0.0, max_new_tokens=recipe.humaneval_tokens, seed=recipe.seed)
+        result = run_eval(model, tok, humaneval_tasks()[: recipe.humaneval_problems], config, run / f"humaneval-{fmt}", workers=os.cpu_count() or 1)
+        report[f"humaneval_{fmt}"] = result["pass_at_k"]["pass@1"]
+    report["chat_answer"] = chat_answer(model, tok, SORT_QUESTION)
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     return report
 
 
-def export(out: Path, report: dict) -> Path:
+def run_recipe(out: Path, recipe: Recipe, until_step: int | None = None, keyed: bool = True, log: Log = print) -> dict | None:
+    """Run or resume one recipe in `out` (corpus and data shared by every recipe there); the final
+    model's report, or None when paused by until_step."""
+    pre_run, fine_run = run_folders(out, recipe, keyed)
+    prepare_pretraining(out, recipe, log)
+    pretrain = stage_config(recipe, "pretrain", pretrain_data(out, recipe), pre_run)
+    train(pretrain, until_step=until_step)
+    if read_step(pre_run) < pretrain.steps:
+        return None
+    if recipe.finetune == "none":
+        return evaluate_model(out, pre_run, recipe, log)
+    prepare_finetuning(out, recipe, log)
+    finetune = stage_config(recipe, "finetune", finetune_data(out, recipe), fine_run, init_from=RunFolder(pre_run).model)
+    train(finetune, until_step=until_step)
+    if read_step(fine_run) < finetune.steps:
+        return None
+    return evaluate_model(out, fine_run, recipe, log)
+
+
+def export(out: Path, report: dict, recipe: Recipe = EMBEDDED) -> Path:
     """The shipped form: bf16 weights, tokenizer, loss curves and a model card, in out/model."""
     folder = out / "model"
-    pretrain, finetune = RunFolder(out / "pretrain"), RunFolder(out / "finetune")
+    pre_run, fine_run = run_folders(out, recipe, keyed=False)
+    pretrain, finetune = RunFolder(pre_run), RunFolder(fine_run)
     model = load_model(finetune.model, dtype="bfloat16")
     save_model(model, folder)
     shutil.copy(out / "tokenizer.json", folder / "tokenizer.json")
     shutil.copy(pretrain.loss_plot, folder / "loss-pretrain.png")
     shutil.copy(finetune.loss_plot, folder / "loss-finetune.png")
-    card = model_card(out, model.num_parameters(), report, pretrain_config(out), finetune_config(out), HELD_OUT, SEED)
+    pre = stage_config(recipe, "pretrain", pretrain_data(out, recipe), pre_run)
+    fine = stage_config(recipe, "finetune", finetune_data(out, recipe), fine_run)
+    card = model_card(out, model.num_parameters(), report, pre, fine, HELD_OUT, recipe.seed)
     write_text_atomic(folder / "MODEL_CARD.md", card)
     return folder
 
 
-def embedded_recipe(out: Path, until_step: int | None = None, log: Callable[[str], None] = print) -> Path | None:
-    """Run or resume every step; with until_step, pause pretraining or finetuning after that step."""
-    pretrain = prepare_pretraining(out, log)
-    train(pretrain, until_step=until_step)
-    if not RunFolder(pretrain.out_dir).model.exists() or read_step(pretrain.out_dir) < pretrain.steps:
+def embedded_recipe(out: Path, until_step: int | None = None, log: Log = print) -> Path | None:
+    """Run or resume every step of the shipped model; with until_step, pause a training stage after that step."""
+    if run_recipe(out, EMBEDDED, until_step, keyed=False, log=log) is None:
         return None
-    finetune = prepare_finetuning(out, log)
-    train(finetune, until_step=until_step)
-    if read_step(finetune.out_dir) < finetune.steps:
-        return None
-    return export(out, evaluate(out, log))
+    pre_run, fine_run = run_folders(out, EMBEDDED, keyed=False)
+    report = {"pretrain": evaluate_model(out, pre_run, EMBEDDED, log), "finetune": evaluate_model(out, fine_run, EMBEDDED, log)}
+    return export(out, report)
 
 
-def read_step(run: str) -> int:
+def read_step(run: Path) -> int:
     return len(RunFolder(run).rows())  # a row per step
