@@ -145,7 +145,7 @@ def recipe_embedded(
     until_step: Annotated[Optional[int], typer.Option(min=1, help="Pause each training stage after this step.")] = None,
     install: Annotated[bool, typer.Option(help="Copy the result into this package's assets.")] = False,
 ) -> None:
-    """Reproduce the embedded model: stdlib corpus, tokenizer, pretraining, finetune mix, finetune, eval."""
+    """Reproduce the embedded model: corpus of installed code, tokenizer, pretraining, finetune mix, finetune, eval."""
 
     from midfill.recipe import embedded_recipe
 
