@@ -1,10 +1,12 @@
 """Training end to end on CPU: the loss falls, the output loads, a killed run resumes exactly,
-and two torchrun processes match one process with the same global batch."""
+two torchrun processes match one process with the same global batch, "auto" measures its dtype
+without a trace, MFU is logged, and a compiled run follows the eager one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import midfill
 from midfill.cli import app
+from midfill.errors import MidfillError
+from midfill.model.lora import LoraConfig, add_lora
+from midfill.train import hardware
 from midfill.train.config import TrainConfig, load_config
 from midfill.train.schedule import early_dropout, learning_rate
 from midfill.train.trainer import train
+from tests.helpers import tiny_model
 
 BASE = {
     "preset": "tiny", "steps": 200, "micro_batch": 4, "block_size": 128, "lr": 2e-3, "min_lr": 2e-4,
@@ -57,6 +64,9 @@ def test_loss_falls_and_the_output_loads_and_generates(reference_run):
     assert rows[0]["dropout"] == pytest.approx(0.1) and rows[-1]["dropout"] == 0.0  # early dropout, then off
     assert any("val_loss" in r for r in rows)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(0 < r["mfu"] < 1 for r in rows)  # a float32 run on a CPU: of the measured float32 matmul peak
+    survey = json.loads((out / "hardware.json").read_text())
+    assert survey["dtype"] == "float32" and survey["chosen_by"] == "config" and survey["peak_from"] == "measured matmul"
     model = midfill.load_model(model_dir)
     tok = midfill.load_tokenizer(model_dir)
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= tok.vocab_size
@@ -109,6 +119,8 @@ def test_bad_configs_are_clear_errors(tmp_path, built_data):
         (write_config(tmp_path / "a.toml", data=str(built_data), out_dir="o", colour="red"), "unknown setting 'colour'"),
         (write_config(tmp_path / "b.toml", data=str(built_data), out_dir="o", preset="huge"), "unknown preset 'huge'"),
         (write_config(tmp_path / "c.toml", data=str(tmp_path / "none"), out_dir="o"), "no manifest"),
+        (write_config(tmp_path / "e.toml", data=str(built_data), out_dir="o", compile="yes"), "compile must be"),
+        (write_config(tmp_path / "f.toml", data=str(built_data), out_dir="o", attention="dense"), "unknown attention"),
         (tmp_path / "missing.toml", "no such config file"),
     ]
     (tmp_path / "d.toml").write_text("steps = [")
@@ -122,3 +134,74 @@ def test_shipped_configs_parse(tmp_path):
     for path in (Path(__file__).parents[1] / "configs").glob("*.toml"):
         config = load_config(path)
         assert config.shape()["n_positions"] >= config.block_size
+
+
+def two_steps(data, out: Path, **settings) -> list[float]:
+    config = TrainConfig(data=str(data), out_dir=str(out), preset="tiny", steps=2, micro_batch=4, block_size=64,
+                         warmup_steps=1, eval_every=0, checkpoint_every=100, **settings)  # fmt: skip
+    train(config, show_progress=False)
+    return losses(out)
+
+
+def test_auto_dtype_measures_both_and_leaves_no_trace():
+    model = tiny_model().train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    survey = hardware.survey(model, "auto", compiled=False, micro_batch=4, block_size=64)
+    assert survey.chosen_by == "measured" and set(survey.tokens_per_s) == {"float32", "bfloat16"}
+    assert survey.dtype == max(survey.tokens_per_s, key=survey.tokens_per_s.get)
+    assert survey.peak_flops > 0 and "measured" in survey.summary()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_auto_takes_the_faster_dtype_and_a_resumed_run_keeps_its_own(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(hardware, "matmul_peak_flops", lambda dtype, device: 1e11)
+    for rates, faster in (({"float32": 1.0, "bfloat16": 2.0}, "bfloat16"), ({"float32": 2.0, "bfloat16": 1.0}, "float32")):
+        monkeypatch.setattr(hardware, "measure_dtypes", lambda *args, rates=rates: rates)
+        assert hardware.survey(model, "auto", False, 4, 64).dtype == faster
+    kept = hardware.survey(model, "auto", False, 4, 64, kept="bfloat16")
+    assert (kept.dtype, kept.chosen_by, kept.tokens_per_s) == ("bfloat16", "checkpoint", {})
+    assert hardware.survey(model, "float32", False, 4, 64).chosen_by == "config"
+
+
+def test_an_auto_run_logs_its_choice_and_trains_as_that_dtype_would(built_data, tmp_path):
+    auto = two_steps(built_data, tmp_path / "auto", dtype="auto")
+    survey = json.loads((tmp_path / "auto" / "hardware.json").read_text())
+    assert survey["chosen_by"] == "measured" and set(survey["tokens_per_s"]) == {"float32", "bfloat16"}
+    assert json.loads((tmp_path / "auto" / "progress.json").read_text())["dtype"] == survey["dtype"]
+    assert auto == two_steps(built_data, tmp_path / "fixed", dtype=survey["dtype"])
+
+
+def test_model_flops_per_token():
+    model = tiny_model()  # 512 vocab, 64 wide, 2 layers
+    c = model.config
+    weights = model.num_parameters() - c.vocab_size * c.n_embd  # all but the embedding; lm_head counts
+    attention = 6 * c.n_layer * 128 * c.n_embd
+    assert hardware.flops_per_token(model, 128) == 6 * weights + attention
+    add_lora(model, LoraConfig(r=4))  # frozen weights: forward and input gradient only
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert hardware.flops_per_token(model, 128) == 4 * (weights + adapters) + 2 * adapters + attention
+
+
+def test_gpu_peaks_by_name():
+    assert hardware.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert hardware.gpu_peak_flops("NVIDIA L40S") == 362e12 and hardware.gpu_peak_flops("NVIDIA L4") == 121e12
+    assert hardware.gpu_peak_flops("Tesla T4") is None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on a CPU needs a C++ compiler")
+def test_compiled_run_follows_the_eager_one(built_data, tmp_path):
+    """Inductor on CPU compiles the blocks' attention and MLP with gcc in about ten seconds."""
+    eager = two_steps(built_data, tmp_path / "eager", dtype="float32", compile=False)
+    compiled = two_steps(built_data, tmp_path / "compiled", dtype="float32", compile=True)
+    assert json.loads((tmp_path / "compiled" / "hardware.json").read_text())["compiled"] is True
+    assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def test_flex_attention_does_not_train_on_a_cpu(built_data, tmp_path):
+    with pytest.raises(MidfillError, match="only on a GPU"):
+        two_steps(built_data, tmp_path, dtype="float32", attention="flex")

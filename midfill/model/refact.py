@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from midfill.model.alibi import alibi_slopes, attention_bias
 from midfill.model.config import RefactConfig
+from midfill.model.flex_attention import attend, causal_block_mask
 from midfill.model.kv_cache import KVCache
 from midfill.model.quantize import PackedLinear
+
+FlexBias = tuple[torch.Tensor, BlockMask]  # ALiBi slopes and causal block mask: the flex path's stand-in for a bias
 
 
 class LayerNormNoBias(nn.Module):
@@ -33,6 +37,7 @@ class MultiQueryAttention(nn.Module):
 
     The heads are folded into the query rows ([B, 1, T*H, hd]) so one K/V head of shape
     [B, 1, S, hd] serves them all in a single attention call, with no repeated K/V in memory.
+    Given a FlexBias instead of a bias tensor, the heads stay heads and FlexAttention broadcasts K/V.
     """
 
     def __init__(self, config: RefactConfig) -> None:
@@ -44,10 +49,16 @@ class MultiQueryAttention(nn.Module):
         self.kv = nn.Linear(config.n_embd, 2 * config.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | FlexBias, cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, n_tok, n_embd = x.shape
-        q = self.q(x).view(batch, 1, n_tok * self.n_head, self.head_dim)
         k, v = self.kv(x).split(self.head_dim, dim=-1)
+        if isinstance(bias, tuple):
+            # contiguous: under torch.compile, torch 2.13's CPU flex template reads a transposed view's
+            # storage as q's shape and fails; elsewhere it is one small copy per layer
+            q = self.q(x).view(batch, n_tok, self.n_head, self.head_dim).transpose(1, 2).contiguous()
+            out = attend(q, k[:, None], v[:, None], *bias).transpose(1, 2)
+            return self.c_proj(out.reshape(batch, n_tok, n_embd))
+        q = self.q(x).view(batch, 1, n_tok * self.n_head, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         k, v = k[:, None], v[:, None]
@@ -79,7 +90,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, dropout: float = 0.0
+        self, x: torch.Tensor, bias: torch.Tensor | FlexBias, cache: KVCache | None, layer: int, dropout: float = 0.0
     ) -> torch.Tensor:
         x = x + F.dropout(self.attn(self.ln_1(x), bias, cache, layer), dropout, self.training)
         return x + F.dropout(self.mlp(self.ln_2(x)), dropout, self.training)
@@ -105,6 +116,7 @@ class GPTRefactForCausalLM(nn.Module):
         self.source: str | None = None  # the folder it was loaded from, for reports
         self.weight_format: str | None = None  # bf16/int8/int4 once midfill.model.quantize packed it
         self.dropout = 0.0  # residual dropout while training; the trainer schedules it (early dropout)
+        self.attention = "auto"  # "sdpa", "flex", or "auto": flex while training on a GPU (see uses_flex)
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +131,17 @@ class GPTRefactForCausalLM(nn.Module):
         """Weights of the network however they are stored (packed layers keep theirs as buffers)."""
         packed = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, PackedLinear))
         return packed + sum(p.numel() for p in self.parameters())
+
+    def uses_flex(self, cache: KVCache | None, attention_mask: torch.Tensor | None) -> bool:
+        """Whether a forward computes ALiBi inside a FlexAttention kernel instead of reading a bias tensor.
+
+        Only a training-shaped forward can (no cache, no padding): its mask is plain causal. "auto"
+        takes it while training on a GPU, where the [B, T*H, S] float32 bias costs memory and
+        bandwidth; on a CPU flex has no backward pass, so there only `attention = "flex"` asks for it.
+        """
+        if cache is not None or attention_mask is not None or self.attention == "sdpa":
+            return False
+        return self.attention == "flex" or (self.training and self.device.type == "cuda")
 
     def forward(
         self,
@@ -135,6 +158,25 @@ class GPTRefactForCausalLM(nn.Module):
         If `hidden_states` is a list, the residual stream after the embedding and after each block
         is appended to it.
         """
+        n_tok = input_ids.shape[1]
+        if self.uses_flex(cache, attention_mask):
+            bias: torch.Tensor | FlexBias = (self.alibi_slopes, causal_block_mask(n_tok, input_ids.device))
+        else:
+            bias = self.sdpa_bias(input_ids, attention_mask, cache)
+
+        x = self.transformer.wte(input_ids)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, bias, cache, layer, self.dropout)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if cache is not None:
+            cache.advance(n_tok)
+        return self.lm_head(self.ln_f(x))
+
+    def sdpa_bias(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        """The additive bias [B, 1, T*H, past+T] (ALiBi, causal, padding) with the heads folded into rows."""
         batch, n_tok = input_ids.shape
         offsets = torch.arange(n_tok, device=input_ids.device)
         if cache is None:
@@ -149,15 +191,4 @@ class GPTRefactForCausalLM(nn.Module):
                 "(batch, cached + new tokens)"
             )
         bias = attention_bias(self.alibi_slopes, query_pos, attention_mask)
-        bias = bias.view(batch, 1, n_tok * self.config.n_head, span)
-
-        x = self.transformer.wte(input_ids)
-        if hidden_states is not None:
-            hidden_states.append(x)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, bias, cache, layer, self.dropout)
-            if hidden_states is not None:
-                hidden_states.append(x)
-        if cache is not None:
-            cache.advance(n_tok)
-        return self.lm_head(self.ln_f(x))
+        return bias.view(batch, 1, n_tok * self.config.n_head, span)

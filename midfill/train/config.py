@@ -42,9 +42,11 @@ class LoopConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
-    # autocast dtype for forward passes; "auto" is bfloat16 on a GPU and float32 on a CPU, where
-    # torch's bf16 matmuls can be far slower than fp32 (measured 100x on an AVX2-only machine)
+    # autocast dtype for forward passes; "auto" is bfloat16 on a GPU, and on a CPU whichever of float32
+    # and bf16 trains this model faster when timed at start-up (midfill.train.hardware.survey)
     dtype: str = "auto"
+    compile: bool | str = "auto"  # torch.compile each block's attention and MLP; "auto": on a GPU only
+    attention: str = "auto"  # "sdpa" (a bias tensor), "flex" (FlexAttention, GPU only), "auto": flex on a GPU
     early_dropout: float = 0.1  # dropout at step 0 ...
     early_dropout_fraction: float = 0.1  # ... decaying linearly to 0 over this fraction of the steps, then off
     eval_every: int = 100
@@ -59,6 +61,10 @@ class LoopConfig:
             raise MidfillError(f"unknown parallel mode {self.parallel!r}; use ddp or fsdp")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise MidfillError(f"unknown dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        if self.compile not in ("auto", True, False):
+            raise MidfillError(f"compile must be true, false or \"auto\", got {self.compile!r}")
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise MidfillError(f"unknown attention {self.attention!r}; use auto, sdpa or flex")
         for name in ("steps", "micro_batch", "grad_accum", "block_size"):
             if getattr(self, name) < 1:
                 raise MidfillError(f"{name} must be at least 1")

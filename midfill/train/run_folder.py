@@ -14,6 +14,7 @@ class RunFolder:
         self.path = Path(path)
         self.metrics = self.path / "metrics.jsonl"  # a row per step: loss, lr, ... and val_loss when measured
         self.progress = self.path / "progress.json"  # where the run stands, for the status page
+        self.hardware = self.path / "hardware.json"  # the dtype chosen at start-up and why, and the peak MFU is of
         self.checkpoint = self.path / "checkpoint.pt"  # everything a resumed run needs
         self.checkpoints = self.path / "checkpoints"  # a finetune's adapter at each evaluation
         self.model = self.path / "model"  # the trained model, a folder midfill loads

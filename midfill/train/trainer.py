@@ -1,7 +1,8 @@
 """The training loop, for pretraining and the repository finetune alike: Lion (or AdamW), warmup +
-cosine, gradient accumulation and clipping, bf16 autocast, early dropout, held-out loss, early
-stopping, atomic checkpoints and exact resume, DDP or FSDP. What differs between runs is the model
-(new, or a base with a LoRA wrap) and where its batches come from.
+cosine, gradient accumulation and clipping, autocast to the dtype this machine trains fastest in,
+torch.compile on a GPU, early dropout, held-out loss, early stopping, atomic checkpoints and exact
+resume, DDP or FSDP, and MFU in every metrics row. What differs between runs is the model (new, or
+a base with a LoRA wrap) and where its batches come from.
 
 Run it in one process, or under `torchrun --nproc_per_node N` (gloo on CPU, nccl on GPU). Every
 batch is a function of (seed, step, sample index) and the global batch is cut the same way for
@@ -12,6 +13,7 @@ run would.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -28,11 +30,13 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from midfill.data.batches import make_batch, sample_seed
 from midfill.data.packing import TokenShards, read_manifest
 from midfill.errors import MidfillError
+from midfill.files import write_text_atomic
 from midfill.model import GPTRefactForCausalLM, RefactConfig
 from midfill.model.checkpoint import load_model, save_model
 from midfill.tokenizer import Tokenizer, load_tokenizer
 from midfill.train.checkpoint import FULL, read_checkpoint, restore, save_checkpoint
 from midfill.train.config import LoopConfig, TrainConfig
+from midfill.train.hardware import autocast, survey
 from midfill.train.plot import plot_losses
 from midfill.train.run_folder import RunFolder
 from midfill.train.schedule import early_dropout, learning_rate
@@ -52,6 +56,14 @@ class Cluster:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the processes (a collective: every process calls it)."""
+        if self.world == 1:
+            return values
+        total = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return dict(zip(values, (total / self.world).tolist()))
 
 
 def join_cluster() -> Cluster:
@@ -95,6 +107,15 @@ def make_optimizer(model: torch.nn.Module, config: LoopConfig) -> torch.optim.Op
     return Lion(groups, lr=config.lr, betas=config.betas)
 
 
+def compile_blocks(model: GPTRefactForCausalLM) -> None:
+    """torch.compile each block's attention and MLP in place, so parameter names (and checkpoints)
+    stay as they are. The residual adds stay eager with their dropout: its p follows the early
+    dropout schedule, a new float every step, on which a compiled graph would guard and recompile."""
+    for block in model.transformer.h:
+        block.attn.compile()
+        block.mlp.compile()
+
+
 def wrap(model: GPTRefactForCausalLM, config: LoopConfig, cluster: Cluster) -> torch.nn.Module:
     if cluster.world == 1:
         return model
@@ -115,13 +136,6 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     mask = mask.flatten().float()
     return (losses * mask).sum() / mask.sum().clamp(min=1)
-
-
-def autocast(config: LoopConfig, device: torch.device):
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 class PackedData:
@@ -165,17 +179,26 @@ def new_model(config: TrainConfig, tok: Tokenizer) -> GPTRefactForCausalLM:
 
 class Run:
     """One run of the training loop: the model (wrapped for DDP/FSDP), its data (see PackedData),
-    optimizer and schedule, its folder, and how far it has come. `settings` are what a resumed run
-    must match; `on_eval(step, held-out loss)` is called after each evaluation, on every process."""
+    optimizer and schedule, its folder, its hardware survey (dtype, MFU's peak) and how far it has
+    come. `settings` are what a resumed run must match; `on_eval(step, held-out loss)` is called
+    after each evaluation, on every process."""
 
     def __init__(self, model: GPTRefactForCausalLM, data, folder: RunFolder, config: LoopConfig, settings, cluster: Cluster,
                  on_eval: Callable[[int, float], None] | None = None) -> None:  # fmt: skip
         self.model, self.data, self.folder, self.config, self.settings = model, data, folder, config, settings
         self.cluster, self.on_eval = cluster, on_eval
+        if config.attention == "flex" and cluster.device.type != "cuda":
+            raise MidfillError("attention = 'flex' trains only on a GPU: torch's FlexAttention has no backward pass on a CPU")
+        resumed = read_checkpoint(folder.checkpoint, settings)
+        compiled = config.compile if config.compile != "auto" else cluster.device.type == "cuda"
+        self.hardware = survey(model, config.dtype, compiled, config.micro_batch, config.block_size,
+                               kept=resumed.get("dtype") if resumed else None, agree=cluster.mean)  # fmt: skip
+        model.attention = config.attention
+        if compiled:
+            compile_blocks(model)
         self.wrapped = wrap(model, config, cluster)
         self.optimizer = make_optimizer(self.wrapped, config)
         self.step, self.best_val_loss, self.best_step, self.last_val_loss, self.bad_evals = 0, math.inf, None, None, 0
-        resumed = read_checkpoint(folder.checkpoint, settings)
         if resumed is not None:
             restore(resumed, self.wrapped, self.optimizer)
             for key in LOOP_STATE:  # checkpoints from before early stopping lack some: they keep their start values
@@ -183,6 +206,7 @@ class Run:
         if cluster.main:
             folder.path.mkdir(parents=True, exist_ok=True)
             folder.trim(self.step if resumed is not None else -1)  # a fresh run starts a fresh log
+            write_text_atomic(folder.hardware, json.dumps(self.hardware.to_dict(), indent=2) + "\n")
 
     @property
     def tokens_per_step(self) -> int:
@@ -221,7 +245,7 @@ class Run:
             torch.manual_seed(sample_seed(c.seed, step, -1 - group))  # dropout masks follow the samples
             last = index == len(batches) - 1
             sync = contextlib.nullcontext() if last or self.cluster.world == 1 or c.parallel == "fsdp" else self.wrapped.no_sync()
-            with sync, autocast(c, self.cluster.device):
+            with sync, autocast(self.hardware.dtype, self.cluster.device):
                 loss = masked_loss(self.wrapped(x), y, mask) / len(batches)
             loss.backward()
             total += loss.detach()
@@ -242,7 +266,7 @@ class Run:
         total = torch.zeros((), device=self.cluster.device)
         for i in range(self.data.eval_batches):
             for _, (x, y, mask) in self.micro_batches(i, self.data.held_out):
-                with autocast(self.config, self.cluster.device):
+                with autocast(self.hardware.dtype, self.cluster.device):
                     total += masked_loss(self.wrapped(x), y, mask)
         if self.cluster.world > 1:
             dist.all_reduce(total)
@@ -270,8 +294,12 @@ class Run:
         while self.step < last and not self.stopped_early:
             began = time.perf_counter()
             loss = self.train_step()
+            rate = self.tokens_per_step / (time.perf_counter() - began)
             row = {"step": self.step + 1, "loss": loss, "lr": learning_rate(c, self.step), "dropout": early_dropout(c, self.step),
-                   "tokens_per_s": self.tokens_per_step / (time.perf_counter() - began)}  # fmt: skip
+                   "tokens_per_s": rate}  # fmt: skip
+            mfu = self.hardware.mfu(rate / self.cluster.world)
+            if mfu is not None:
+                row["mfu"] = mfu
             self.step += 1
             if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
                 val = self.evaluate()
@@ -281,7 +309,7 @@ class Run:
                 self.folder.log(row)
                 eta = (time.perf_counter() - started) / (self.step - first) * (self.total - self.step)
                 self.folder.write_progress(state="running", step=self.step, total=self.total, loss=loss, lr=row["lr"],
-                                           test_loss=self.last_val_loss, eta_s=eta)  # fmt: skip
+                                           test_loss=self.last_val_loss, eta_s=eta, dtype=self.hardware.dtype, mfu=mfu)  # fmt: skip
             if report is not None:
                 report(self.step, self.total, row)
             if self.step % c.checkpoint_every == 0 or self.step == last or self.stopped_early:
@@ -290,7 +318,7 @@ class Run:
 
     def checkpoint(self) -> None:
         c = self.config
-        extra = {**{key: getattr(self, key) for key in LOOP_STATE}, "config": self.settings.to_dict(),
+        extra = {**{key: getattr(self, key) for key in LOOP_STATE}, "config": self.settings.to_dict(), "dtype": self.hardware.dtype,
                  "data_position": {"step": self.step, "samples_seen": self.step * self.tokens_per_step // c.block_size},
                  "schedule": {"lr": learning_rate(c, self.step), "dropout": early_dropout(c, self.step)}}  # fmt: skip
         save_checkpoint(self.folder.checkpoint, self.wrapped, self.optimizer, extra, write=self.cluster.main)
@@ -308,16 +336,19 @@ class Run:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, disable: bool = False, console=None) -> Iterator[Report]:
-    """A progress bar on the terminal, and the `Report` that moves it."""
+def progress_bar(description: str, disable: bool = False, console=None, header: str = "") -> Iterator[Report]:
+    """A progress bar on the terminal, under a `header` line, and the `Report` that moves it."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeRemainingColumn()]  # fmt: skip
     with Progress(*columns, disable=disable, console=console) as bar:
+        if header and not disable:
+            bar.console.print(header)
         task = bar.add_task(description, total=None, stats="")
 
         def report(step: int, total: int, row: dict) -> None:
+            mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
             held_out = f"  held-out {row['val_loss']:.3f}" if "val_loss" in row else ""
-            bar.update(task, completed=step, total=total, stats=f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s{held_out}")
+            bar.update(task, completed=step, total=total, stats=f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s{mfu}{held_out}")
 
         yield report
 
@@ -327,11 +358,12 @@ def train(config: TrainConfig, until_step: int | None = None, show_progress: boo
     cluster = join_cluster()
     data = PackedData(config)
     run = Run(new_model(config, data.tok).to(cluster.device), data, RunFolder(config.out_dir), config, config, cluster)
-    with progress_bar("training", disable=not (show_progress and cluster.main)) as report:
+    with progress_bar("training", disable=not (show_progress and cluster.main), header=run.hardware.summary()) as report:
         finished = run.fit(until_step, report)
     folder = run.export(data.tok)
     if finished and cluster.main:
-        run.folder.write_progress(state="done", step=run.step, total=run.step, test_loss=run.last_val_loss, eta_s=0)
+        run.folder.write_progress(state="done", step=run.step, total=run.step, test_loss=run.last_val_loss, eta_s=0,
+                                  dtype=run.hardware.dtype)  # fmt: skip
     if cluster.world > 1:
         dist.barrier()
     return folder
