@@ -3,17 +3,18 @@
     python benchmarks/token_healing.py [--examples 200] [--dump answers.jsonl]
 
 Three cut sets from the standard-library modules the embedded model never trained on (seeded):
-- inside an identifier: the cursor strictly inside a NAME token of 4 or more characters (Python's
-  own tokenizer says what a name is); the middle is the rest of that line;
-- column 0: the cursor at the start of an indented line, the prefix ending in its bare newline
-  (what llama.vim sends on an auto-indented blank line); the middle is the whole line, indentation
-  included, so the answer is also compared unstripped;
+- inside an identifier (fim_synth's "mid-identifier" cut): the cursor strictly inside a NAME token
+  of 4 or more characters (Python's own tokenizer says what a name is); the middle is the rest of
+  that line;
+- column 0 (fim_synth's "line-start" cut): the cursor at the start of an indented line, the prefix
+  ending in its bare newline (what llama.vim sends on an auto-indented blank line); the middle is
+  the whole line, indentation included, so the answer is also compared unstripped;
 - at a token boundary: the cursor where tokenizing the whole file puts a token boundary, inside a
   line; the middle is the rest of the line. Here healing should change nothing: the healed answer
   is compared with the unhealed one.
-Every example is completed greedily through the Engine, healed and not (fim_prompt_healed with
-heal True / False: the healed request carries `healed_prompt_ids`), with the single-line stop rule,
-as an editor's request would be.
+Every example is completed greedily through the Engine (midfill.infill.complete_all), healed and
+not (fim_prompt_healed with heal True / False: the healed request carries `healed_prompt_ids`),
+with the single-line stop rule, as an editor's request would be.
 
 "offered" counts the requests that carried a healed form (fim_prompt_healed gave one: the prefix
 ends in a word character or a newline and indentation). "applied" counts those the engine switched
@@ -27,64 +28,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import random
-import threading
 import time
-import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from midfill.data.fim_synth import FimExample, line_spans
+from midfill.data.fim_synth import FimExample, example_line_start, example_mid_identifier, rest_of_line
+from midfill.data.installed import stdlib_documents
 from midfill.engine import StopRules
 from midfill.engine.healing import healing_wanted
-from midfill.engine.request import Finished, GenerationRequest
-from midfill.engine.scheduler import Engine
-from midfill.eval.stopping import sample_examples
 from midfill.hub import EMBEDDED_MODEL
+from midfill.infill import complete_all, sample_examples
+from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model
-from midfill.prompts import fim_prompt_healed, indent_of
-from midfill.recipe import stdlib_documents
+from midfill.prompts import fim_prompt_healed
 from midfill.tokenizer import Tokenizer, load_tokenizer
-
-MIN_NAME_CHARS = 4
-
-
-def rest_of_line(text: str, cursor: int, kind: str) -> FimExample:
-    end = text.find("\n", cursor)
-    end = len(text) if end < 0 else end
-    return FimExample(text[:cursor], text[cursor:end], text[end:], kind)
-
-
-@functools.cache
-def long_names(text: str) -> list[tuple[int, int]]:
-    """(start, end) offsets of the NAME tokens of at least MIN_NAME_CHARS characters in Python `text`."""
-    starts = [start for start, _ in line_spans(text)]
-    names = []
-    for t in tokenize.generate_tokens(io.StringIO(text).readline):
-        if t.type == tokenize.NAME and len(t.string) >= MIN_NAME_CHARS and t.start[0] == t.end[0]:
-            offset = starts[t.start[0] - 1] + t.start[1]
-            names.append((offset, offset + len(t.string)))
-    return names
-
-
-def cut_inside_name(text: str, rng: random.Random) -> FimExample | None:
-    names = long_names(text)
-    if not names:
-        return None
-    start, end = rng.choice(names)
-    return rest_of_line(text, rng.randint(start + 1, end - 1), "inside a name")
-
-
-def cut_at_column_zero(text: str, rng: random.Random) -> FimExample | None:
-    indented = [(start, end) for start, end in line_spans(text) if start > 0 and text[start:end].strip()
-                and indent_of(text[start:end]) > 0]  # fmt: skip
-    if not indented:
-        return None
-    start, end = rng.choice(indented)
-    return FimExample(text[:start], text[start:end], text[end:], "column 0")
 
 
 @functools.cache
@@ -125,33 +85,18 @@ class Outcome:
     applied: str | None = None  # healed runs: the backed-off text the engine heals, None if it does not
 
 
-def complete_all(engine: Engine, tok: Tokenizer, examples: list[FimExample], heal: bool, budget: int,
-                 max_new: int) -> list[Outcome]:  # fmt: skip
-    """Greedy single-line answers for every example, submitted at once so the engine batches them."""
-    rules, stop_ids = StopRules.for_mode("single-line"), frozenset({tok.eot_id})
-    outcomes: list[Outcome | None] = [None] * len(examples)
-    done = threading.Semaphore(0)
-
-    def sink_for(i: int, offered: bool):
-        def sink(event) -> None:
-            if isinstance(event, Finished):
-                result = event.result
-                assert result.finish_reason != "error", f"example {i} failed"
-                first = result.token_ids[0] if result.token_ids else tok.eot_id if result.finish_reason == "eos" else None
-                outcomes[i] = Outcome(result.text, offered, first)
-                done.release()
-
-        return sink
-
-    for i, e in enumerate(examples):
-        ids, healed = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal)
-        # No prompt cache: a healed prompt would reuse its unhealed twin's KV, and the comparison
-        # would then also measure the cache's arithmetic, not healing alone.
-        engine.submit(GenerationRequest(ids, max_new, rules=rules, stop_ids=stop_ids, healed_prompt_ids=healed,
-                                        cache_prompt=False), sink_for(i, healed is not None))  # fmt: skip
-    for _ in examples:
-        done.acquire()
-    return outcomes  # type: ignore[return-value]
+def outcomes(model: GPTRefactForCausalLM, tok: Tokenizer, examples: list[FimExample], heal: bool, budget: int,
+             max_new: int) -> list[Outcome]:  # fmt: skip
+    """Greedy single-line answers for every example, batched through one engine (midfill.infill); it
+    uses no prompt cache, or a healed prompt would reuse its unhealed twin's KV, and the comparison
+    would then also measure the cache's arithmetic, not healing alone."""
+    results = complete_all(model, tok, examples, StopRules.for_mode("single-line"), budget, max_new, heal)
+    out = []
+    for e, result in zip(examples, results):
+        offered = fim_prompt_healed(tok, e.prefix, e.suffix, "spm", budget, heal)[1] is not None
+        first = result.token_ids[0] if result.token_ids else tok.eot_id if result.finish_reason == "eos" else None
+        out.append(Outcome(result.text, offered, first))
+    return out
 
 
 def mark_applied(tok: Tokenizer, examples: list[FimExample], off: list[Outcome], on: list[Outcome],
@@ -219,24 +164,19 @@ def main() -> None:
     args = parser.parse_args()
     texts = [d.text for d in stdlib_documents(held_out=True)]
     tok = load_tokenizer(str(EMBEDDED_MODEL))
-    cutters = {"inside a name": cut_inside_name, "column 0": cut_at_column_zero,
+    cutters = {"inside a name": example_mid_identifier, "column 0": example_line_start,
                "token boundary": cut_at_token_boundary(tok)}  # fmt: skip
     sets = {name: sample_examples(texts, cut, args.examples, random.Random(args.seed + i))
             for i, (name, cut) in enumerate(cutters.items())}  # fmt: skip
-    engine = Engine(load_model(EMBEDDED_MODEL), tok, max_batch=8, max_queue=args.examples)
-    engine.start()
-    rows, started = [], time.perf_counter()
-    try:
-        results = {}
-        for name, examples in sets.items():
-            off = complete_all(engine, tok, examples, False, args.prompt_tokens, args.max_new_tokens)
-            on = complete_all(engine, tok, examples, True, args.prompt_tokens, args.max_new_tokens)
-            mark_applied(tok, examples, off, on, args.prompt_tokens)
-            results[name] = off, on
-            rows += report(name, examples, off, on)
-            print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
-    finally:
-        engine.stop()
+    model = load_model(EMBEDDED_MODEL)
+    rows, started, results = [], time.perf_counter(), {}
+    for name, examples in sets.items():
+        off = outcomes(model, tok, examples, False, args.prompt_tokens, args.max_new_tokens)
+        on = outcomes(model, tok, examples, True, args.prompt_tokens, args.max_new_tokens)
+        mark_applied(tok, examples, off, on, args.prompt_tokens)
+        results[name] = off, on
+        rows += report(name, examples, off, on)
+        print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
     print("\n| cut set | n | healing | healed form offered | healing applied | exact match | exact, unstripped "
           "| empty answers |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")

@@ -9,12 +9,28 @@ from pathlib import Path
 from midfill.train.config import TrainConfig
 from midfill.train.run_folder import RunFolder
 
+# StoppingReport's fields; an eval.json from before a metric existed shows "–" for it
 METRICS = [
-    ("single_line_exact_match", "single-line infill exact match", "{:.1%}"),
+    ("line_exact_match", "single-line infill exact match", "{:.1%}"),
+    ("rest_of_line_exact_match", "rest-of-line exact match", "{:.1%}"),
+    ("mid_identifier_exact_match", "mid-identifier rest-of-line exact match, healing off", "{:.1%}"),
+    ("mid_identifier_exact_match_healed", "mid-identifier rest-of-line exact match, healing on", "{:.1%}"),
+    ("line_start_exact_match", "line-start exact match (indentation included), healing off", "{:.1%}"),
+    ("line_start_exact_match_healed", "line-start exact match (indentation included), healing on", "{:.1%}"),
     ("multi_line_stopped_right", 'multi-line infill "stopped at the right line"', "{:.1%}"),
     ("empty_middle_accuracy", "empty-middle accuracy", "{:.1%}"),
     ("over_generation_chars", "mean characters generated past the true middle", "{:.1f}"),
 ]
+
+
+def metrics_table(report: dict) -> str:
+    """The card's metric rows, before and after the finetune, from eval.json's two StoppingReports."""
+
+    def cell(run: dict, key: str, fmt: str) -> str:
+        return "–" if run.get(key) is None else fmt.format(run[key])
+
+    return "\n".join(f"| {label} | {cell(report['pretrain'], key, fmt)} | {cell(report['finetune'], key, fmt)} |"
+                     for key, label, fmt in METRICS)  # fmt: skip
 
 
 def run_summary(run: RunFolder) -> dict:
@@ -37,11 +53,8 @@ def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: T
     pre_run, fine_run = run_summary(RunFolder(out / "pretrain")), run_summary(RunFolder(out / "finetune"))
     source = out / "corpus-source.json"  # older recipe folders lack it: then this Python's version
     python = json.loads(source.read_text())["python"] if source.exists() else platform.python_version()
-    rows = "\n".join(
-        f"| {label} | {fmt.format(report['pretrain'][key])} | {fmt.format(report['finetune'][key])} |" for key, label, fmt in METRICS
-    )
     kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(fine_data["examples_per_kind"].items()))
-    counts = report["pretrain"]["examples"]
+    counts = ", ".join(f"{n} {kind}" for kind, n in report["pretrain"]["examples"].items())
     shape = pre.shape()
     return f"""# midfill embedded model
 
@@ -81,13 +94,16 @@ Loss curves: `loss-pretrain.png`, `loss-finetune.png`.
 
 ## Metrics on the held-out modules (greedy, SPM prompts)
 
-{counts['single']} single-line, {counts['multi']} multi-line and {counts['empty']} empty-middle examples cut from the held-out modules
-(`midfill/eval/stopping.py`). Exact match uses the single-line stop rule, as an editor does; the
-other three let only the model's own <|endoftext|> end a completion (at most 96 tokens).
+Examples cut from the held-out modules where an editor's cursor would be (`midfill/eval/stopping.py`):
+{counts}. Exact match uses the single-line stop rule, as an editor does, and is unstripped: single-line
+is a whole line from its indentation, rest-of-line from a column inside it, mid-identifier from inside
+a name, line-start from column 0 of an indented line (the prefix ends in its newline). Healing on:
+the request carries its token-healed prompt, as `midfill serve` sends by default. The last three
+let only the model's own <|endoftext|> end a completion (at most 96 tokens).
 
 | metric | before finetune | after finetune |
 |---|---|---|
-{rows}
+{metrics_table(report)}
 
 ## Licence
 

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import ast
+import io
 import random
+import tokenize
 
 import numpy as np
 import pytest
 
 from midfill.data.documents import Document
-from midfill.data.fim_synth import SynthConfig, example_empty, example_multi, example_single, example_tokens
+from midfill.data.fim_synth import (
+    CUTTERS,
+    DEFAULT_KINDS,
+    IDENTIFIER,
+    MIN_NAME_CHARS,
+    SynthConfig,
+    cutter,
+    example_empty,
+    example_line,
+    example_line_start,
+    example_mid_identifier,
+    example_multi,
+    example_rest_of_line,
+    example_single,
+    example_tokens,
+)
 from midfill.data.finetune_mix import MixConfig, build_finetune_mix
 from midfill.data.instructions import instruction_pairs, pair_tokens, source_lines, source_segment
 from midfill.data.packing import TokenShards
@@ -29,10 +46,13 @@ def rng_examples(make, n=300, seed=0):
     return out
 
 
-def test_every_example_reassembles_its_file():
-    for make in (example_empty, example_single, lambda t, r: example_multi(t, r, 12)):
-        for e in rng_examples(make, 100):
-            assert e.prefix + e.middle + e.suffix in TEXTS
+@pytest.mark.parametrize("kind", list(CUTTERS))
+def test_every_example_reassembles_its_file_and_its_middle_ends_at_a_line_end(kind):
+    for e in rng_examples(cutter(kind), 100):
+        assert e.prefix + e.middle + e.suffix in TEXTS and e.kind == kind
+        assert e.suffix == "" or e.suffix.startswith("\n")  # the newline that ends the middle is the suffix's
+        if kind != "multi":
+            assert "\n" not in e.middle
 
 
 def test_empty_examples_sit_at_the_end_of_a_complete_line():
@@ -41,14 +61,55 @@ def test_empty_examples_sit_at_the_end_of_a_complete_line():
         assert e.prefix.rsplit("\n", 1)[-1].strip()  # the cursor's line has code on it
 
 
-def test_single_examples_are_the_rest_of_one_line():
-    whole_lines = 0
-    for e in rng_examples(example_single):
-        cursor_line = e.prefix.rsplit("\n", 1)[-1]
-        assert "\n" not in e.middle and e.middle.strip()
-        assert e.suffix == "" or e.suffix.startswith("\n")
-        whole_lines += cursor_line.strip() == ""  # from the indentation: the whole line
+def test_line_examples_are_a_whole_line_from_its_indentation():
+    for e in rng_examples(example_line):
+        assert e.prefix.rsplit("\n", 1)[-1].strip() == "" and e.middle.strip() and not e.middle[0].isspace()
+
+
+def test_rest_of_line_examples_start_strictly_inside_the_line():
+    for e in rng_examples(example_rest_of_line):
+        before = e.prefix.rsplit("\n", 1)[-1]
+        assert before.strip() and e.middle.strip()  # code on both sides of the cursor
+
+
+def test_single_examples_are_line_or_rest_of_line():
+    whole_lines = sum(e.prefix.rsplit("\n", 1)[-1].strip() == "" for e in rng_examples(example_single))
     assert 0 < whole_lines < 300  # both "one line" and "rest of a line" occur
+
+
+def test_line_start_examples_are_the_whole_indented_line_after_a_bare_newline():
+    for e in rng_examples(example_line_start):
+        assert e.prefix.endswith("\n") and indent_of(e.middle) > 0 and e.middle.strip()
+
+
+def names_around(text: str, cursor: int) -> list[str]:
+    """The Python NAME tokens of `text` that the cursor is strictly inside."""
+    line, column = text.count("\n", 0, cursor) + 1, cursor - (text.rfind("\n", 0, cursor) + 1)
+    return [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
+            if t.type == tokenize.NAME and t.start[0] == line and t.start[1] < column < t.end[1]]  # fmt: skip
+
+
+def test_mid_identifier_cursor_is_strictly_inside_a_long_name():
+    for e in rng_examples(example_mid_identifier, 100):
+        text = e.prefix + e.middle + e.suffix
+        assert any(len(name) >= MIN_NAME_CHARS for name in names_around(text, len(e.prefix)))
+        assert e.middle[0].isidentifier() or e.middle[0].isdigit()  # the rest of the name comes first
+
+
+def test_mid_identifier_outside_python_falls_back_to_identifier_words():
+    untokenizable = 'x = """never closed\nvalue_name = compute(other)\n'  # EOF inside a string: TokenError
+    rng = random.Random(0)
+    for _ in range(50):
+        e = example_mid_identifier(untokenizable, rng)
+        cursor = len(e.prefix)
+        assert any(m.start() < cursor < m.end() for m in IDENTIFIER.finditer(untokenizable))
+    assert example_mid_identifier("a = 1\nb = a + 2\n", rng) is None  # no name of 4 characters
+
+
+def test_the_default_mix_is_every_editor_cursor():
+    assert SynthConfig().kinds == DEFAULT_KINDS
+    assert sum(DEFAULT_KINDS.values()) == pytest.approx(1.0)
+    assert set(DEFAULT_KINDS) == {"empty", "line", "rest-of-line", "mid-identifier", "line-start", "multi"} <= set(CUTTERS)
 
 
 def test_multi_examples_end_where_the_block_ends():
@@ -65,7 +126,7 @@ def test_multi_examples_end_where_the_block_ends():
 @pytest.mark.parametrize("spm", [True, False])
 def test_example_tokens_end_with_eot_and_train_only_the_middle(small_tokenizer, spm):
     tok = small_tokenizer
-    e = rng_examples(example_single, 1)[0]
+    e = rng_examples(example_rest_of_line, 1)[0]
     ids, mask = example_tokens(tok, e, spm, prompt_tokens=200)
     middle = ids[ids.index(tok.fim_middle_id) + 1 :]
     assert middle[-1] == tok.eot_id and tok.decode(middle[:-1]) == e.middle
@@ -128,10 +189,9 @@ def test_the_mix_has_the_asked_ratio(small_tokenizer, tmp_path):
     kinds = manifest["examples_per_kind"]
     assert sum(kinds.values()) == 400
     assert kinds["instruct-write"] + kinds["instruct-explain"] == 60  # 15%
-    assert {"empty", "single", "multi"} <= set(kinds)
+    assert set(DEFAULT_KINDS) <= set(kinds)  # every kind of the default mix is in a built mix
     shards = TokenShards(tmp_path / "mix", "train")
     ids, mask = shards.window(0, len(shards)), shards.mask_window(0, len(shards))
     assert mask.any() and not mask.all()
     assert int(((ids == small_tokenizer.eot_id) & mask).sum()) == sum(kinds.values()) - sum(1 for _ in range(400) if _ % 50 == 49)
-    assert SynthConfig().kinds == {"empty": 0.1, "single": 0.45, "multi": 0.45}
     assert np.dtype(manifest["dtype"]) == np.uint16
