@@ -1,10 +1,16 @@
 """The embedded model's recipe: what its corpus holds and what it records about it."""
 
+import dataclasses
 import json
 import platform
 
-from midfill.data.installed import installed_packages, is_held_out
-from midfill.recipe import write_corpus
+import pytest
+
+from midfill.data.installed import installed_packages, is_held_out, stdlib_root
+from midfill.errors import MidfillError
+from midfill.files import write_text_atomic
+from midfill.recipe import Recipe, run_recipe, write_corpus
+from midfill.train.run_folder import RunFolder
 
 
 def test_corpus_holds_the_held_out_modules_and_packages_and_records_its_python(tmp_path):
@@ -19,3 +25,42 @@ def test_corpus_holds_the_held_out_modules_and_packages_and_records_its_python(t
     before = (tmp_path / "corpus-train.jsonl").stat().st_mtime_ns
     write_corpus(tmp_path, [])  # done: skipped, whatever it would be given
     assert (tmp_path / "corpus-train.jsonl").stat().st_mtime_ns == before
+
+
+MICRO = Recipe(shape=dict(n_embd=32, n_layer=1, n_head=2, n_positions=256), pretrain_steps=3, finetune_steps=2, micro_batch=2,
+               block_size=128, finetune_examples=40, eval_per_kind=2, humaneval_tokens=8, humaneval_problems=2)
+
+
+def micro_corpus(out, small_tokenizer):
+    """A recipe folder whose corpus (three stdlib modules to train on, one held out) and tokenizer are already there."""
+    out.mkdir()
+    write_text_atomic(out / "corpus-source.json", json.dumps({"python": platform.python_version()}) + "\n")
+    for split, names in (("train", ("textwrap.py", "shlex.py", "heapq.py")), ("heldout", ("bisect.py",))):
+        rows = [{"content": (stdlib_root() / n).read_text(encoding="utf-8"), "path": n, "lang": "python", "license": "psf-2.0"}
+                for n in names]
+        write_text_atomic(out / f"corpus-{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    small_tokenizer.save(out / "tokenizer.json")
+
+
+def test_rows_that_differ_only_after_pretraining_share_it_and_each_gets_a_report(tmp_path, small_tokenizer):
+    out = tmp_path / "recipe"
+    micro_corpus(out, small_tokenizer)
+    card = run_recipe(out, MICRO, log=lambda message: None)
+    fim_only = run_recipe(out, dataclasses.replace(MICRO, finetune="fim"), log=lambda message: None)
+    none = run_recipe(out, dataclasses.replace(MICRO, finetune="none"), log=lambda message: None)
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["pretrain-lion-dropout0.1-dedup-3", "pretrain-lion-dropout0.1-dedup-3-finetune-card-2",
+                    "pretrain-lion-dropout0.1-dedup-3-finetune-fim-2", "pretrain-lion-dropout0.1-dedup-5"]  # no-finetune: the same compute
+    assert len(RunFolder(out / "runs" / "pretrain-lion-dropout0.1-dedup-5").rows()) == 5
+    for report in (card, fim_only, none):
+        assert {"line_exact_match", "held_out_loss", "humaneval_fim", "humaneval_completion", "chat_answer"} <= set(report)
+        assert 0 < report["held_out_loss"] and 0 <= report["humaneval_fim"] <= 1
+    card_mix = json.loads((out / "finetune-data" / "manifest.json").read_text())["examples_per_kind"]
+    fim_mix = json.loads((out / "finetune-data-fim" / "manifest.json").read_text())["examples_per_kind"]
+    assert any(k.startswith("instruct") for k in card_mix) and not any(k.startswith("instruct") for k in fim_mix)
+    assert run_recipe(out, MICRO, log=lambda message: None) == card  # cached: a rerun reports, it does not retrain
+
+
+def test_unknown_finetune_is_a_clear_error():
+    with pytest.raises(MidfillError, match="unknown finetune"):
+        dataclasses.replace(MICRO, finetune="half")

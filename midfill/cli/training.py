@@ -106,20 +106,20 @@ def data_fim_synth(
     tokenizer: TokenizerFileOpt,
     examples: Annotated[int, typer.Option(min=1, help="Examples in all.")] = 20000,
     instruct_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of instruction (chat) examples.")] = 0.15,
-    mix: Annotated[str, typer.Option(help="Synthetic FIM kinds and weights.")] = "empty=0.1,single=0.45,multi=0.45",
+    mix: Annotated[str, typer.Option(help="Synthetic FIM kinds and weights.")] = "empty=0.1,line=0.15,rest-of-line=0.2,mid-identifier=0.15,line-start=0.1,multi=0.3",
     seed: Annotated[int, typer.Option(help="Seed for the cuts and the shuffle.")] = 0,
 ) -> None:
     """Build the finetune mix: synthetic FIM that teaches stopping, plus instruction pairs from code."""
     from midfill.data.filters import FilterConfig, reject_reason
-    from midfill.data.fim_synth import DEFAULT_KINDS, SynthConfig
+    from midfill.data.fim_synth import CUTTERS, SynthConfig
     from midfill.data.finetune_mix import MixConfig, build_finetune_mix
     from midfill.data.sources import iter_source
 
     kinds = {}
     for item in mix.split(","):
         name, _, weight = item.partition("=")
-        if name not in DEFAULT_KINDS or not weight.replace(".", "", 1).isdigit():
-            raise MidfillError(f"--mix {item!r}: expected KIND=WEIGHT with KIND one of {', '.join(DEFAULT_KINDS)}")
+        if name not in CUTTERS or not weight.replace(".", "", 1).isdigit():
+            raise MidfillError(f"--mix {item!r}: expected KIND=WEIGHT with KIND one of {', '.join(CUTTERS)}")
         kinds[name] = float(weight)
     tok = load_tokenizer(tokenizer)
     filters = FilterConfig(natural_language_text=False)
