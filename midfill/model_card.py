@@ -20,6 +20,9 @@ METRICS = [
     ("multi_line_stopped_right", 'multi-line infill "stopped at the right line"', "{:.1%}"),
     ("empty_middle_accuracy", "empty-middle accuracy", "{:.1%}"),
     ("over_generation_chars", "mean characters generated past the true middle", "{:.1f}"),
+    ("held_out_loss", "held-out loss (nats/token, plain left-to-right text)", "{:.3f}"),
+    ("humaneval_fim", "HumanEval pass@1, fim format (greedy, n=1)", "{:.1%}"),
+    ("humaneval_completion", "HumanEval pass@1, completion format (greedy, n=1)", "{:.1%}"),
 ]
 
 
@@ -33,6 +36,32 @@ def metrics_table(report: dict) -> str:
                      for key, label, fmt in METRICS)  # fmt: skip
 
 
+def corpus_summary(out: Path, python: str, held_out: tuple[str, ...]) -> tuple[str, str]:
+    """(the Data section's text, the training data's licences), from corpus-manifest.json; a recipe
+    folder from before it (the standard library alone) gets the text of its time."""
+    path = out / "corpus-manifest.json"
+    modules = ", ".join(f"`{h}`" for h in held_out)
+    if not path.exists():
+        return (f"The Python {python} standard library's `.py` sources and test suites (PSF License 2.0). Held out for "
+                f"evaluation, never trained on, and their tests left out too: {modules}.", "Python standard library, PSF License 2.0")  # fmt: skip
+    manifest = json.loads(path.read_text())
+    packages = manifest["packages"]
+    train = [p for p in packages if p["included"] and "train" in p["splits"] and p["name"] != "python-stdlib"]
+    held = [p for p in packages if p["included"] and "held-out" in p["splits"] and "train" not in p["splits"]]
+    excluded = [p for p in packages if not p["included"]]
+    totals = manifest["totals"]["train"]
+    names = ", ".join(f"{p['name']} {p['version']}" for p in train)
+    text = (f"The code `pip install -e .` puts on every machine: the Python {python} standard library's `.py` sources and "
+            f"test suites, and the `.py` files of the {len(train)} permissively licensed distributions in midfill's own "
+            f"dependency closure ({names}): {totals['files']:,} files, "
+            f"{totals['bytes'] / 1e6:,.1f} MB; every file's sha256 is in `corpus-manifest.json`. Never trained on: "
+            + ", ".join(f"{p['name']} ({p['reason']})" for p in excluded)
+            + f". Held out for evaluation: the standard-library modules {modules} (and their tests) and "
+            + ", ".join(f"{p['name']} {p['version']}" for p in held) + ".")  # fmt: skip
+    licences = sorted({p["license"] for p in train} | {"PSF-2.0"})
+    return text, "permissive only: " + ", ".join(licences)
+
+
 def run_summary(run: RunFolder) -> dict:
     rows = run.rows()
     checkpoint_config = json.loads((run.model / "config.json").read_text())
@@ -40,6 +69,10 @@ def run_summary(run: RunFolder) -> dict:
     tail = rows[-20:]
     return {"steps": len(rows), "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": vals[-1] if vals else None,
             "config": checkpoint_config}
+
+
+def loss(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def tokens_per_step(config: TrainConfig) -> int:
@@ -56,6 +89,17 @@ def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: T
     kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(fine_data["examples_per_kind"].items()))
     counts = ", ".join(f"{n} {kind}" for kind, n in report["pretrain"]["examples"].items())
     shape = pre.shape()
+    corpus, licences = corpus_summary(out, python, held_out)
+    chat = report["finetune"].get("chat_answer")
+    chat_section = "" if chat is None else f"""
+## Chat, as it comes
+
+`midfill chat --message 'How do I sort a list in Python?'` (greedy) answers:
+
+```text
+{chat.strip()}
+```
+"""
     return f"""# midfill embedded model
 
 A small code model of the Refact-1.6B architecture (`GPTRefactForCausalLM`: ALiBi, multi-query
@@ -73,22 +117,22 @@ it completes Python in the style of the standard library, it is not a general as
 
 ## Data
 
-The Python {python} standard library's `.py` sources and test suites (PSF License 2.0),
-passed through `midfill data build` (filters, exact and MinHash dedup): {pre_data['stages']['filter']['docs_in']:,}
+{corpus}
+
+Passed through `midfill data build` (filters, exact and MinHash dedup): {pre_data['stages']['filter']['docs_in']:,}
 files in, {pre_data['stages']['dedup']['docs_out']:,} kept, {sum(s['tokens'] for s in pre_data['splits']['train']):,} training tokens.
-Held out for evaluation, never trained on, and their tests left out too: {', '.join(f'`{h}`' for h in held_out)}.
 
 ## Training
 
 1. **Pretraining**: {pre_run['steps']:,} steps of {tokens_per_step(pre):,} tokens ({pre_run['steps'] * tokens_per_step(pre):,} tokens seen), Lion
    (lr {pre.lr} -> {pre.min_lr}, warmup {pre.warmup_steps}), early dropout {pre.early_dropout} over the first
    {pre.early_dropout_fraction:.0%} of steps, FIM rate {pre.fim.fim_rate} (SPM {pre.fim.spm_rate}). Final train loss
-   {pre_run['train_loss']:.3f}, held-out loss {pre_run['val_loss']:.3f} (nats/token).
+   {pre_run['train_loss']:.3f}, val-split loss {loss(pre_run['val_loss'])} (nats/token).
 2. **Finetune** on the card's mix, from the same training modules: {kinds}
    ({fine_data['config']['instruct_fraction']:.0%} instruction pairs in the chat format, the rest synthetic FIM whose middle
    ends at a line end, a blank line or a dedent, followed by <|endoftext|>). {fine_run['steps']:,} steps of {tokens_per_step(fine):,}
    tokens ({fine_run['steps'] * tokens_per_step(fine):,} tokens seen), Lion lr {fine.lr} -> {fine.min_lr}, loss on the
-   answers only. Final train loss {fine_run['train_loss']:.3f}, held-out loss {fine_run['val_loss']:.3f}.
+   answers only. Final train loss {fine_run['train_loss']:.3f}, val-split loss {loss(fine_run['val_loss'])}.
 
 Loss curves: `loss-pretrain.png`, `loss-finetune.png`.
 
@@ -104,9 +148,9 @@ let only the model's own <|endoftext|> end a completion (at most 96 tokens).
 | metric | before finetune | after finetune |
 |---|---|---|
 {metrics_table(report)}
-
+{chat_section}
 ## Licence
 
-Training data: Python standard library, PSF License 2.0. Weights: Apache-2.0, like midfill.
-Reproduce with `midfill recipe embedded --out DIR` (resumable; training and evaluation took 215 s on one H200 GPU; on 2 CPU cores, most of a day).
+Training data: {licences}. Weights: Apache-2.0, like midfill.
+Reproduce with `midfill recipe embedded --out DIR` (resumable, seeded).
 """

@@ -5,11 +5,14 @@ import json
 import platform
 
 import pytest
+import torch
+from safetensors import safe_open
 
-from midfill.data.installed import installed_packages, is_held_out, stdlib_root
+from midfill.data.installed import HELD_OUT, installed_packages, is_held_out, stdlib_root, write_installed_corpus
 from midfill.errors import MidfillError
 from midfill.files import write_text_atomic
-from midfill.recipe import Recipe, run_recipe, write_corpus
+from midfill.model_card import METRICS, corpus_summary
+from midfill.recipe import Recipe, evaluate_model, export, run_recipe, write_corpus
 from midfill.train.run_folder import RunFolder
 
 
@@ -64,3 +67,29 @@ def test_rows_that_differ_only_after_pretraining_share_it_and_each_gets_a_report
 def test_unknown_finetune_is_a_clear_error():
     with pytest.raises(MidfillError, match="unknown finetune"):
         dataclasses.replace(MICRO, finetune="half")
+
+
+def test_export_writes_the_card_with_every_metric_and_the_chat_answer(tmp_path, small_tokenizer):
+    out = tmp_path / "recipe"
+    micro_corpus(out, small_tokenizer)
+    report = run_recipe(out, MICRO, keyed=False, log=lambda message: None)
+    pre = evaluate_model(out, out / "pretrain", MICRO, log=lambda message: None)
+    folder = export(out, {"pretrain": pre, "finetune": report}, MICRO)
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "| single-line infill exact match |" in card and "| HumanEval pass@1, fim format (greedy, n=1) |" in card
+    assert f"```text\n{report['chat_answer'].strip()}\n```" in card
+    assert "standard library" in card
+    rows = [line for line in card.splitlines() if any(line.startswith(f"| {label} |") for _, label, _ in METRICS)]
+    assert len(rows) == len(METRICS) and not any("–" in row for row in rows)  # every metric measured, none missing
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}  # shipped in bf16
+
+
+def test_the_card_names_the_corpus_packages_from_its_manifest(tmp_path):
+    packages = [p for p in installed_packages() if p.name in {"cycler", "starlette", "jinja2"}]
+    write_installed_corpus(tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", tmp_path / "corpus-manifest.json", packages)
+    text, licences = corpus_summary(tmp_path, "3.11.7", HELD_OUT)
+    cycler = next(p for p in packages if p.name == "cycler")
+    assert f"cycler {cycler.version}" in text and "jinja2 (reserved" in text and "Held out for evaluation" in text
+    assert "starlette" in text.split("Held out for evaluation")[1]
+    assert licences.startswith("permissive only: ") and "PSF-2.0" in licences

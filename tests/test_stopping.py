@@ -71,11 +71,11 @@ def test_evaluate_stopping_reports_every_metric(shipped):
     assert report.examples == {kind: 2 for kind in KINDS}
     assert all(0.0 <= values[f.name] <= 1.0 for f in fields(StoppingReport) if f.name not in ("examples", "over_generation_chars"))
     assert report.over_generation_chars >= 0
-    assert {key for key, _, _ in METRICS} == set(values) - {"examples"}  # the card shows every metric
+    assert set(values) - {"examples"} <= {key for key, _, _ in METRICS}  # the card shows every metric
 
 
 def test_the_card_table_shows_old_reports_with_dashes():
-    new = {f.name: 0.5 for f in fields(StoppingReport)} | {"examples": {}}
+    new = {key: 0.5 for key, _, _ in METRICS} | {"examples": {}}
     old = {"single_line_exact_match": 0.05, "multi_line_stopped_right": 0.09, "empty_middle_accuracy": 0.92,
            "over_generation_chars": 12.5, "examples": {"single": 100, "multi": 100, "empty": 100}}  # fmt: skip
     rows = metrics_table({"pretrain": old, "finetune": new}).split("\n")
