@@ -138,7 +138,12 @@ def prepare_pretraining(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) 
 def prepare_finetuning(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) -> None:
     """The finetune mix from the training files: 85% synthetic FIM + 15% instructions, or all FIM."""
     data = finetune_data(out, recipe)
-    if not (data / "manifest.json").exists():
+    if (data / "manifest.json").exists():
+        built = json.loads((data / "manifest.json").read_text())["config"]["examples"]
+        if built != recipe.finetune_examples:  # recipes of other sizes share a folder's corpus, not its mix
+            raise MidfillError(f"{data} holds a mix of {built:,} examples, this recipe asks for {recipe.finetune_examples:,}; "
+                               "use another --out for it")
+    else:
         log(f"building the finetune mix ({recipe.finetune})")
         docs = [Document.from_dict({**json.loads(line), "text": json.loads(line)["content"]})
                 for line in (out / "corpus-train.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -62,6 +62,8 @@ def test_rows_that_differ_only_after_pretraining_share_it_and_each_gets_a_report
     fim_mix = json.loads((out / "finetune-data-fim" / "manifest.json").read_text())["examples_per_kind"]
     assert any(k.startswith("instruct") for k in card_mix) and not any(k.startswith("instruct") for k in fim_mix)
     assert run_recipe(out, MICRO, log=lambda message: None) == card  # cached: a rerun reports, it does not retrain
+    with pytest.raises(MidfillError, match="holds a mix of 40 examples, this recipe asks for 41"):
+        run_recipe(out, dataclasses.replace(MICRO, finetune_examples=41), log=lambda message: None)
 
 
 def test_unknown_finetune_is_a_clear_error():
