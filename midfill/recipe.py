@@ -81,10 +81,15 @@ class Recipe:
         return (f"pretraining {self.pretrain_steps} steps + finetune {self.finetune_steps} steps of {self.tokens_per_step:,} tokens "
                 f"({(self.pretrain_steps + self.finetune_steps) * self.tokens_per_step:,} tokens per row)")
 
+    @property
+    def pretraining_steps(self) -> int:
+        """Without a finetune, its steps go to pretraining: every recipe spends the same compute."""
+        return self.pretrain_steps + (self.finetune_steps if self.finetune == "none" else 0)
+
     def pretrain_key(self) -> str:
         """Names the pretraining run by what decides it, so rows that share one reuse it."""
-        steps = self.pretrain_steps + (self.finetune_steps if self.finetune == "none" else 0)
-        return f"pretrain-{self.optimizer}-dropout{self.early_dropout}-{'dedup' if self.dedup else 'nodedup'}-{steps}"
+        dedup = "dedup" if self.dedup else "nodedup"
+        return f"pretrain-{self.optimizer}-dropout{self.early_dropout}-{dedup}-{self.pretraining_steps}"
 
 
 EMBEDDED = Recipe(shape=dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024), pretrain_steps=2500, finetune_steps=600)
@@ -155,9 +160,7 @@ def prepare_finetuning(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) -
 
 def stage_config(recipe: Recipe, stage: str, data: Path, run: Path, init_from: Path | None = None) -> TrainConfig:
     """A stage's training config: the recipe's schedule (warmup 6%, cosine to a tenth), optimizer and batch."""
-    steps = recipe.pretrain_steps + (recipe.finetune_steps if recipe.finetune == "none" else 0)
-    if stage == "finetune":
-        steps = recipe.finetune_steps
+    steps = recipe.finetune_steps if stage == "finetune" else recipe.pretraining_steps
     lr = LEARNING_RATES[recipe.optimizer][stage == "finetune"]
     return TrainConfig(
         data=str(data), out_dir=str(run), preset="tiny", model=recipe.shape, seed=recipe.seed,

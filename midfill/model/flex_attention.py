@@ -21,8 +21,10 @@ def causal(batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx:
     return q_idx >= kv_idx
 
 
+@functools.lru_cache(maxsize=8)
 def causal_block_mask(n_tok: int, device: torch.device) -> BlockMask:
-    """The causal mask of an n_tok window, shared by every batch row and head."""
+    """The causal mask of an n_tok window, shared by every batch row and head; made once per length
+    (a run's steps all have the same one), not on every forward."""
     return create_block_mask(causal, None, None, n_tok, n_tok, device=device)
 
 
