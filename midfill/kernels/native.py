@@ -1,9 +1,11 @@
-"""Builds decode.c on first use and calls it through ctypes; None where it cannot run.
+"""Builds decode.c on first use, once per instruction set, and calls the best build the CPU runs.
 
-A plain C file with no torch headers compiles in about a second, so the package builds it
-itself, once per machine, into a cache folder. Anything that stops it (not x86-64, no AVX2/FMA/F16C,
-no C compiler, MIDFILL_NATIVE=0) leaves midfill on the pure-torch path, which gives the same
-numbers a little slower.
+A plain C file with no torch headers compiles in a few seconds, so the package builds it itself,
+once per machine and variant, into a cache folder, and binds it with ctypes. VARIANTS lists the
+builds, best first; the first whose CPU flags /proc/cpuinfo lists is used, unless MIDFILL_KERNELS
+names another (so tests and benchmarks can run each). Anything that stops the kernels (not x86-64,
+no AVX2/FMA/F16C, no C compiler, MIDFILL_NATIVE=0) leaves midfill on the pure-torch path, which
+gives the same numbers a little slower.
 """
 
 from __future__ import annotations
@@ -17,14 +19,36 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from midfill.errors import MidfillError
+
 SOURCE = Path(__file__).with_name("decode.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-MAX_ROWS = 4  # rows one call multiplies while reading the weights once (MAX_ROWS in decode.c)
-CPU_FEATURES = ("avx2", "fma", "f16c")
+# -fno-tree-pre: with partial redundancy elimination GCC copies every integer accumulator of the int8
+# and int4 loops once per turn, a third more instructions there (GCC 12)
+COMMON_FLAGS = ("-O2", "-fno-tree-pre", "-fopenmp", "-fPIC", "-shared")
+MAX_ROWS = 8  # rows one call multiplies while reading the weights once (MAX_ROWS in decode.c)
+OVERRIDE = "MIDFILL_KERNELS"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of decode.c: the CPU flags (as /proc/cpuinfo spells them) it needs and is compiled for."""
+
+    name: str
+    cpu_flags: tuple[str, ...]
+
+    @property
+    def compiler_flags(self) -> list[str]:
+        return ["-m" + flag.replace("_", "") for flag in self.cpu_flags]  # avx512_vnni -> -mavx512vnni
+
+
+_AVX2 = ("avx2", "fma", "f16c")
+_AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512vl")
+VARIANTS = (Variant("avx512vnni", (*_AVX512, "avx512_vnni")), Variant("avx512", _AVX512), Variant("avx2", _AVX2))  # best first
 
 
 def cache_dir() -> Path:
@@ -32,17 +56,39 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "kernels"
 
 
-def cpu_supported() -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This x86-64 CPU's feature flags; empty on other machines."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return all(feature in flags for feature in CPU_FEATURES)
+        return frozenset()
+    return frozenset(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
 
 
-def build(target: Path) -> None:
+def runnable_variants() -> list[str]:
+    """The variants this CPU can run, best first."""
+    return [v.name for v in VARIANTS if set(v.cpu_flags) <= cpu_flags()]
+
+
+def chosen_variant() -> Variant | None:
+    """The variant MIDFILL_KERNELS names, else the best this CPU runs; None when none runs or MIDFILL_NATIVE=0."""
+    if os.environ.get("MIDFILL_NATIVE", "1") == "0":
+        return None
+    runnable = runnable_variants()
+    name = os.environ.get(OVERRIDE) or (runnable[0] if runnable else None)
+    if name is None:
+        return None
+    if name not in {v.name for v in VARIANTS}:
+        raise MidfillError(f"{OVERRIDE}={name!r} is not a kernel variant; choose one of {', '.join(v.name for v in VARIANTS)}")
+    if name not in runnable:
+        raise MidfillError(f"{OVERRIDE}={name}: this CPU cannot run it (it runs {', '.join(runnable) or 'none'})")
+    return next(v for v in VARIANTS if v.name == name)
+
+
+def build(target: Path, flags: list[str]) -> None:
     """Compile to a temporary name, then rename, so a concurrent or killed build never leaves half a library."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
@@ -51,7 +97,7 @@ def build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
         raise OSError(f"compiling {SOURCE.name} failed: {exc.stderr.strip()[:500]}") from None
@@ -61,30 +107,47 @@ def build(target: Path) -> None:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning saying why) when this machine cannot use them."""
-    if os.environ.get("MIDFILL_NATIVE", "1") == "0" or not cpu_supported():
-        return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"decode-{digest}.so"
-    try:
-        if not target.exists():
-            build(target)
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        warnings.warn(f"midfill: native CPU kernels unavailable, using the slower torch path ({exc})", stacklevel=2)
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+def load(variant: Variant) -> ctypes.CDLL:
+    """One variant's kernels, built first if this machine has no copy of this source with these flags."""
+    flags = [*COMMON_FLAGS, *variant.compiler_flags]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"decode-{variant.name}-{digest}.so"
+    if not target.exists():
+        build(target, flags)
+    lib = ctypes.CDLL(str(target))
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.midfill_isa.restype = ctypes.c_char_p
+    if lib.midfill_isa().decode() != variant.name:
+        raise OSError(f"{target.name} was built for {lib.midfill_isa().decode()}, not {variant.name}")
     lib.midfill_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int4.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
-    lib.midfill_attention_one.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float]
+    lib.midfill_attention_one.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32]
     lib.midfill_read_bandwidth.argtypes = [ptr, i64]
-    lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, i64, ptr, ptr, i64]
-    lib.midfill_read_bandwidth.restype = ctypes.c_float
-    for name in ("midfill_linear_bf16", "midfill_linear_int8", "midfill_linear_int4", "midfill_attention_one", "midfill_decode_block"):
-        getattr(lib, name).restype = ctypes.c_int
+    lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr, ptr, i64]
+    lib.midfill_read_bandwidth.restype = f32
+    for kernel in ("linear_bf16", "linear_int8", "linear_int4", "attention_one", "decode_block"):
+        getattr(lib, f"midfill_{kernel}").restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The chosen variant's kernels, or None (with one warning saying why) when this machine cannot use them."""
+    variant = chosen_variant()
+    if variant is None:
+        return None
+    try:
+        return load(variant)
+    except OSError as exc:
+        warnings.warn(f"midfill: native CPU kernels unavailable, using the slower torch path ({exc})", stacklevel=2)
+        return None
+
+
+def variant() -> str | None:
+    """Which build of the kernels runs (avx512vnni, avx512 or avx2, as the library reports), or None: the torch path."""
+    lib = library()
+    return None if lib is None else lib.midfill_isa().decode()
 
 
 def available() -> bool:
@@ -146,7 +209,7 @@ def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         library().midfill_attention_one(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, heads, span, dim, k.stride(0), dim**-0.5
         )
-    )
+    )  # fmt: skip
     return out
 
 
@@ -189,7 +252,7 @@ def decode_block(
             ctypes.addressof(matrices), keys.data_ptr(), values.data_ptr(), keys.stride(0), slots.data_ptr(),
             bias.data_ptr(), bias.shape[-1],
         )
-    )
+    )  # fmt: skip
 
 
 def read_bandwidth(data: torch.Tensor) -> float:
