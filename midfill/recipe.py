@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from midfill.data.build import BuildConfig, build_dataset
 from midfill.data.documents import Document
 from midfill.data.filters import FilterConfig, reject_reason
@@ -232,7 +234,7 @@ def export(out: Path, report: dict, recipe: Recipe = EMBEDDED) -> Path:
     folder = out / "model"
     pre_run, fine_run = run_folders(out, recipe, keyed=False)
     pretrain, finetune = RunFolder(pre_run), RunFolder(fine_run)
-    model = load_model(finetune.model, dtype="bfloat16")
+    model = load_model(finetune.model, dtype="float32").to(torch.bfloat16)  # a plain bf16 checkpoint, not a packed one
     save_model(model, folder)
     shutil.copy(out / "tokenizer.json", folder / "tokenizer.json")
     shutil.copy(pretrain.loss_plot, folder / "loss-pretrain.png")

@@ -91,7 +91,8 @@ def test_bfloat16_load_casts_weights(tmp_path, reference):
     model, _ = reference
     save_model(model, tmp_path)
     loaded = midfill.load_model(tmp_path, dtype="bfloat16")
-    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    linear = [t for name, t in loaded.state_dict().items() if name.endswith(".weight") and "ln" not in name and "wte" not in name]
+    assert linear and all(t.dtype == torch.bfloat16 for t in linear)  # packed bf16 on a CPU with the kernels, else torch's
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
 
 

@@ -28,7 +28,10 @@ ModelOpt = Annotated[
 TokenizerOpt = Annotated[
     Optional[str], typer.Option(help="tokenizer.json file or folder; default: the model's own.")
 ]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(help="auto (the checkpoint's own; bf16 runs packed on a CPU), float32 (exact), bfloat16 or float16."),
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 QuantizeOpt = Annotated[
     Optional[str],
@@ -85,19 +88,21 @@ def load(loading, lora: str | None = None) -> tuple[GPTRefactForCausalLM, Tokeni
     `loading` (cli/options.ModelLoading) says."""
     model, tokenizer, dtype, device, quantize = (loading.model, loading.tokenizer, loading.dtype, loading.device,
                                                  loading.quantize)
+    from midfill.model.checkpoint import stored_dtype
     from midfill.model.lora import load_adapter, merge_lora
-    from midfill.model.quantize import quantize_model
+    from midfill.model.precision import apply_precision, choose_precision
 
     model = model_or_default(model)
     with err.status(f"loading {model} ..."):
-        net = load_model(model, dtype=dtype, device=device, quantize=None if lora else quantize)
-        if lora is not None:
+        if lora is None:
+            net = load_model(model, dtype=dtype, device=device, quantize=quantize)
+        else:  # the adapter folds into float32 weights, which then take the precision asked for
+            net = load_model(model, dtype="float32", device=device)
             if net.weight_format is not None:
                 raise MidfillError(f"{model} is packed ({net.weight_format}); a LoRA adapter folds into a float checkpoint")
             load_adapter(net, lora)
             merge_lora(net)
-            if quantize is not None:
-                quantize_model(net, quantize)
+            apply_precision(net, choose_precision(stored_dtype(model), dtype, quantize, net.device))
         tok = load_tokenizer(tokenizer if tokenizer is not None else net.source)
     if tok.vocab_size > net.config.vocab_size:
         raise MidfillError(

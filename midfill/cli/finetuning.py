@@ -85,7 +85,7 @@ def lora_merge(
 
     source = model_or_default(model)
     with err.status(f"merging {lora} into {source} ..."):
-        net = load_model(source)
+        net = load_model(source, dtype="float32")
         if net.weight_format is not None:
             raise MidfillError(f"{source} is packed ({net.weight_format}); merge into the original float checkpoint")
         load_adapter(net, lora)

@@ -30,6 +30,7 @@ from midfill.errors import MidfillError
 from midfill.files import write_bytes_atomic
 from midfill.model import GPTRefactForCausalLM
 from midfill.model.checkpoint import load_model, save_model
+from midfill.model.precision import describe
 from midfill.prompts import FIM_ORDERS, ChatMessage, chat_prompt, fim_prompt
 from midfill.tokenizer import load_tokenizer
 from midfill.train.run_folder import RunFolder
@@ -225,6 +226,8 @@ def serve(
         f"weights {net.weight_format or net.dtype}, {net.device}, "
         f"context {engine.ctx}) at http://{host}:{port} (web page at /)" + (" with an API key" if api_key else "")
     )
+    path = describe(net)
+    err.print(f"midfill: {path['why']}; decode: {path['decode']}; prefill: {path['prefill']}")
     logging.basicConfig(level=logging.INFO, format="midfill: %(message)s")
     uvicorn.Server(server_config(create_app(engine, tok, settings), host, port)).run()
 
@@ -239,8 +242,9 @@ def info(loading: ModelLoading) -> None:
         net = load_model(model, dtype=loading.dtype, device=loading.device, quantize=loading.quantize)
     table = Table(title=f"model {net.source}", show_header=False)
     table.add_row("parameters", f"{net.num_parameters():,}")
-    table.add_row("dtype / device", f"{net.dtype} / {net.device}")
-    table.add_row("weights", net.weight_format or str(net.lm_head.weight.dtype).removeprefix("torch."))
+    table.add_row("device", str(net.device))
+    for key, value in describe(net).items():
+        table.add_row(key, value)
     table.add_row("MLP hidden size", str(net.config.mlp_hidden))
     for key, value in net.config.to_dict().items():
         table.add_row(key, str(value))

@@ -42,7 +42,7 @@ class ModelLoading:
 
     model: ModelOpt = None
     tokenizer: TokenizerOpt = None
-    dtype: DtypeOpt = "float32"
+    dtype: DtypeOpt = "auto"
     device: DeviceOpt = "cpu"
     quantize: QuantizeOpt = None
 

@@ -36,7 +36,7 @@ def run_prompt(model: GPTRefactForCausalLM, slab: KVCache, row: int, prompt: lis
     ids = torch.tensor(prompt, device=model.device)
     view = slab.rows(row, row + 1)
     for chunk in range(start, len(prompt), PREFILL_CHUNK):
-        logits = model(ids[None, chunk : chunk + PREFILL_CHUNK], cache=view)
+        logits = model(ids[None, chunk : chunk + PREFILL_CHUNK], cache=view, last_only=True)
     return logits[:, -1]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import sys
 
 import torch
@@ -49,21 +50,28 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
     return raw[start : start + nbytes]
 
 
+def huge_page_views(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Empty tensors of these (shape, dtype), laid end to end (each on a cache line) in one huge-page
+    block, in the order given: the order a decoded token reads them. They live as long as any of them."""
+    sizes = [-(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN for shape, dtype in specs]
+    block = huge_page_bytes(max(sum(sizes), 1))
+    views, offset = [], 0
+    for (shape, dtype), size in zip(specs, sizes):
+        nbytes = math.prod(shape) * dtype.itemsize
+        views.append(block[offset : offset + nbytes].view(dtype).view(shape))
+        offset += size
+    return views
+
+
 def move_to_huge_pages(buffers: list[tuple[nn.Module, str]]) -> None:
-    """Replace each module buffer (module, name) by a copy laid end to end in one huge-page block.
+    """Replace each module buffer (module, name) by a copy in one huge-page block (huge_page_views).
 
     One buffer at a time, so each old one is freed as its copy lands: the peak is the weights plus
-    the largest buffer, not twice the weights. The copies are views of the block, which lives as
-    long as any of them.
+    the largest buffer, not twice the weights.
     """
-    sizes = [-(-getattr(module, name).nbytes // ALIGN) * ALIGN for module, name in buffers]
-    block = huge_page_bytes(max(sum(sizes), 1))
-    offset = 0
-    for (module, name), size in zip(buffers, sizes):
-        old = getattr(module, name)
-        copy = block[offset : offset + old.nbytes].view(old.dtype).view(old.shape).copy_(old)
-        setattr(module, name, copy)
-        offset += size
+    specs = [(tuple(getattr(module, name).shape), getattr(module, name).dtype) for module, name in buffers]
+    for (module, name), view in zip(buffers, huge_page_views(specs)):
+        setattr(module, name, view.copy_(getattr(module, name)))
     _release_freed_memory()
 
 

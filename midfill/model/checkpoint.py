@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,20 +19,12 @@ from safetensors.torch import save_file
 from midfill.errors import MidfillError
 from midfill.files import atomic_path
 from midfill.hub import resolve_model_dir
+from midfill.kernels.huge_pages import huge_page_views
 from midfill.model.alibi import alibi_slopes
 from midfill.model.config import RefactConfig
-from midfill.model.quantize import PackedLinear, check_format, empty_packed, place_on_huge_pages, quantize_model
+from midfill.model.precision import Precision, choose_precision, parse_dtype
+from midfill.model.quantize import PackedLinear, check_format, empty_packed, linear_layers
 from midfill.model.refact import GPTRefactForCausalLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise MidfillError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def parse_device(name: str | torch.device) -> torch.device:
@@ -43,40 +37,79 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def read_safetensors(path: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor still on disk: its shape and dtype now, its values when read.
+
+    Loading reads one tensor at a time into its final place, so the peak is the model plus one
+    tensor, never a second whole copy (a whole file mapped at once would count fully in RSS).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                      "BOOL": torch.bool}  # fmt: skip
+
+
+def unreadable(path: Path, exc: Exception) -> MidfillError:
+    return MidfillError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})")
+
+
+def read_safetensors(path: Path) -> dict[str, StoredTensor]:
+    """The file's tensors, each opened on its own when read, so only that tensor's pages are mapped."""
+
+    def reader(name: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    return f.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise unreadable(path, exc) from None
+
+        return read
+
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name).to(device=device, dtype=dtype or None) for name in f.keys()}
+            headers = {name: f.get_slice(name) for name in f.keys()}
+            layout = {name: (tuple(h.get_shape()), h.get_dtype()) for name, h in headers.items()}
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise MidfillError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from None
+        raise unreadable(path, exc) from None
+    unknown = sorted({dtype for _, dtype in layout.values()} - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise MidfillError(f"{path}: tensors of dtype {unknown[0]}, which midfill does not load")
+    return {name: StoredTensor(shape, SAFETENSORS_DTYPES[dtype], reader(name)) for name, (shape, dtype) in layout.items()}
 
 
-def read_torch_bin(path: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+def read_torch_bin(path: Path) -> dict[str, StoredTensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch.load wraps unpickling, zip and I/O failures in several types
         raise MidfillError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise MidfillError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
-    return {name: t.to(device=device, dtype=dtype or None) for name, t in state.items() if isinstance(t, torch.Tensor)}
+    return {name: StoredTensor(tuple(t.shape), t.dtype, lambda t=t: t) for name, t in state.items() if isinstance(t, torch.Tensor)}
 
 
-def read_sharded(index_path: Path, reader, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+def read_sharded(index_path: Path, reader) -> dict[str, StoredTensor]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise MidfillError(f"{index_path}: not a valid shard index, expected a 'weight_map' ({exc})") from None
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, StoredTensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise MidfillError(f"{shard_path}: shard listed in {index_path.name} is missing")
-        state.update(reader(shard_path, dtype, device))
+        state.update(reader(shard_path))
     return state
 
 
-def read_weights(folder: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[dict[str, torch.Tensor], Path]:
-    """The raw state dict from whichever weight files the folder has (in `dtype`, or as stored when None)."""
+def read_weights(folder: Path) -> tuple[dict[str, StoredTensor], Path]:
+    """The stored tensors of whichever weight files the folder has, not yet read."""
     candidates = [
         ("model.safetensors", read_safetensors, False),
         ("model.safetensors.index.json", read_safetensors, True),
@@ -86,14 +119,18 @@ def read_weights(folder: Path, dtype: torch.dtype | None, device: torch.device) 
     for name, reader, sharded in candidates:
         path = folder / name
         if path.is_file():
-            state = read_sharded(path, reader, dtype, device) if sharded else reader(path, dtype, device)
-            return state, path
+            return (read_sharded(path, reader) if sharded else reader(path)), path
     raise MidfillError(
         f"{folder}: no weights found; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
 
 
-def adapt_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fused(first: StoredTensor, second: StoredTensor) -> StoredTensor:
+    shape = (first.shape[0] + second.shape[0], *first.shape[1:])
+    return StoredTensor(shape, first.dtype, lambda: torch.cat([first.read(), second.read()], dim=0))
+
+
+def adapt_layout(state: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
     """Rename and fuse tensors of older layouts into the released one.
 
     The early-2023 code kept separate `attn.k`/`attn.v` (fused here as kv = [k; v]) and
@@ -102,15 +139,15 @@ def adapt_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = {name.removeprefix("module."): t for name, t in state.items()}
     fusions = [("attn.k.weight", "attn.v.weight", "attn.kv.weight"),
                ("mlp.linear_1.weight", "mlp.linear_3.weight", "mlp.gate_up_proj.weight")]
-    for first, second, fused in fusions:
+    for first, second, fused_name in fusions:
         for name in [n for n in state if n.endswith("." + first)]:
             stem = name[: -len(first)]
             if stem + second in state:
-                state[stem + fused] = torch.cat([state.pop(name), state.pop(stem + second)], dim=0)
+                state[stem + fused_name] = fused(state.pop(name), state.pop(stem + second))
     return state
 
 
-def check_state(state: dict[str, torch.Tensor], model: GPTRefactForCausalLM, source: Path) -> None:
+def check_state(state: dict[str, StoredTensor], model: GPTRefactForCausalLM, source: Path) -> None:
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -126,18 +163,27 @@ def check_state(state: dict[str, torch.Tensor], model: GPTRefactForCausalLM, sou
             )
 
 
+def stored_dtype(path_or_id: str | os.PathLike) -> torch.dtype:
+    """The dtype a checkpoint's weights are saved in (its head's), from the file headers alone."""
+    return adapt_layout(read_weights(resolve_model_dir(path_or_id))[0])["lm_head.weight"].dtype
+
+
 def load_model(
     path_or_id: str | os.PathLike,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     quantize: str | None = None,
 ) -> GPTRefactForCausalLM:
-    """Load a GPTRefact checkpoint from a folder or hub id, in eval mode, on `device` in `dtype`.
+    """Load a GPTRefact checkpoint from a folder or hub id, in eval mode, on `device`.
 
-    With `quantize` (bf16, int8 or int4) the linear weights are packed as they load and everything
-    else runs in float32; a checkpoint saved packed loads packed, without quantizing again.
+    dtype "auto" keeps the checkpoint's own precision (midfill.model.precision: a bf16 checkpoint on
+    a CPU runs packed bf16); a dtype asks for that one. With `quantize` (bf16, int8 or int4) the
+    linear weights are packed as they load; a checkpoint saved packed loads packed, without
+    quantizing again. `model.precision` says which and why.
     """
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    torch_device = parse_device(device)
+    if dtype != "auto":
+        parse_dtype(dtype)
     folder = resolve_model_dir(path_or_id)
     config = RefactConfig.from_file(folder / "config.json")
     stored = config.midfill_weight_format
@@ -145,28 +191,51 @@ def load_model(
         raise MidfillError(
             f"{folder} is stored as {stored}; it cannot become {quantize}. Quantize the original float checkpoint instead"
         )
-    fmt = stored or quantize
-    if fmt is not None:
-        check_format(fmt)
-    state, source = read_weights(folder, torch_dtype if fmt is None else None, torch_device)
-    state = adapt_layout(state)
+    if quantize is not None:
+        check_format(quantize)
+    tensors, source = read_weights(folder)
+    tensors = adapt_layout(tensors)
     with torch.device("meta"):
         model = GPTRefactForCausalLM(config)
-        if stored is not None:
-            empty_packed(model, stored)
-    check_state(state, model, source)
-    if stored is not None:  # packed tensors keep their own dtypes; the rest runs in float32
-        packed = {f"{prefix}.{name}" for prefix, layer in model.named_modules() if isinstance(layer, PackedLinear)
-                  for name, _ in layer.named_buffers()}
-        state = {name: t if name in packed else t.float() for name, t in state.items()}
-    model.load_state_dict(state, assign=True)
     if stored is not None:
-        place_on_huge_pages(model)
-    elif quantize is not None:
-        quantize_model(model, quantize)
+        empty_packed(model, stored)
+        precision = Precision(torch.float32, stored, f"the checkpoint was packed as {stored} by `midfill quantize`")
+    check_state(tensors, model, source)
+    if stored is None:
+        precision = choose_precision(tensors["lm_head.weight"].dtype, dtype, quantize, torch_device)
+        if precision.packed is not None:
+            empty_packed(model, precision.packed)
+    model.load_state_dict(materialize(model, tensors, precision, torch_device), assign=True)
     model.alibi_slopes = alibi_slopes(config.n_head).to(torch_device)
-    model.source = str(folder)
+    model.source, model.precision = str(folder), precision
     return model.eval()
+
+
+def materialize(
+    model: GPTRefactForCausalLM, tensors: dict[str, StoredTensor], precision: Precision, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The state dict, read one stored tensor at a time straight into its place.
+
+    Packed weights land end to end on huge pages (what a decoded token streams), each layer packed as
+    it is read; the embedding keeps the checkpoint's float precision under packed weights (a
+    prompt's rows are widened as they are gathered); the rest takes precision.dtype.
+    """
+    packed = [(prefix, layer) for prefix, _, _, layer in linear_layers(model) if isinstance(layer, PackedLinear)]
+    specs = [(tuple(buffer.shape), buffer.dtype) for _, layer in packed for buffer in layer.buffers()]
+    places = iter(huge_page_views(specs) if device.type == "cpu" else [torch.empty(s, dtype=d, device=device) for s, d in specs])
+    state: dict[str, torch.Tensor] = {}
+    for prefix, layer in packed:
+        names = [name for name, _ in layer.named_buffers()]
+        if model.config.midfill_weight_format is not None:
+            values = {name: tensors.pop(f"{prefix}.{name}").read() for name in names}
+        else:
+            values = dict(PackedLinear.pack(tensors.pop(f"{prefix}.weight").read(), layer.fmt).named_buffers())
+        for name in names:
+            state[f"{prefix}.{name}"] = next(places).copy_(values.pop(name))
+    for name, stored in tensors.items():
+        keep = name == "transformer.wte.weight" and precision.packed is not None and stored.dtype.is_floating_point
+        state[name] = stored.read().to(device=device, dtype=stored.dtype if keep else precision.dtype)
+    return state
 
 
 def save_model(model: GPTRefactForCausalLM, folder: str | os.PathLike) -> Path:

@@ -80,7 +80,7 @@ def decode_one(
     bias = attention_bias(model.alibi_slopes, positions[:, None], attention_mask).view(batch, config.n_head, span)
     slots = torch.arange(batch) * cache.max_len + positions  # where each row's new K/V goes, flattened
 
-    x = model.transformer.wte(ids)
+    x = model.transformer.wte(ids).to(model.dtype)
     blocks = native_blocks(model)
     if blocks is not None:  # the whole block in one native call
         shape, positions, bias = (config.n_head, config.head_dim, config.mlp_hidden), positions.contiguous(), bias.contiguous()

@@ -18,10 +18,11 @@ from torch import nn
 from midfill.errors import MidfillError
 from midfill.kernels import native
 from midfill.kernels.huge_pages import move_to_huge_pages
+from midfill.model.packed_prefill import bf16_product, int8_product, int8_rows
 
 FORMATS = ("bf16", "int8", "int4")
 GROUP = 32  # int4 weights per scale/minimum pair
-NATIVE_MAX_ROWS = 16  # above this many rows (prefill) unpacking once and one float32 GEMM is faster
+NATIVE_MAX_ROWS = 16  # above this many rows (prefill) a GEMM (packed_prefill.py) beats the decode kernels
 # The layers whose rounding moves the top-1 token most keep a wider format (as llama.cpp's mixes
 # do); patterns match whole layer names. lm_head and the shared K/V head matter most, then the first
 # blocks: on the embedded model, block 0 in bf16 takes int8's top-1 agreement with bf16 from 99.2% to
@@ -154,17 +155,23 @@ class PackedLinear(nn.Module):
         return weight.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= NATIVE_MAX_ROWS * self.in_features:
-            if native.available():
-                rows = x.reshape(-1, self.in_features).contiguous()
-                if self.fmt == "bf16":
-                    y = native.linear_bf16(rows, self.weight)
-                elif self.fmt == "int8":
-                    y = native.linear_int8(rows, self.weight, self.scale)
-                else:
-                    y = native.linear_int4(rows, self.weight, self.scale, self.minimum)
-                return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.unpack().to(x.dtype))
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return F.linear(x, self.unpack().to(x.dtype))
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if rows.shape[0] > NATIVE_MAX_ROWS:  # a prompt: arithmetic-bound, see midfill/model/packed_prefill.py
+            if self.fmt == "bf16":
+                y = bf16_product(rows, self.weight)
+            else:
+                y = int8_product(rows, *((self.weight, self.scale) if self.fmt == "int8" else int8_rows(self.unpack())))
+        elif not native.available():
+            y = F.linear(rows, self.unpack())
+        elif self.fmt == "bf16":
+            y = native.linear_bf16(rows, self.weight)
+        elif self.fmt == "int8":
+            y = native.linear_int8(rows, self.weight, self.scale)
+        else:
+            y = native.linear_int4(rows, self.weight, self.scale, self.minimum)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
@@ -185,7 +192,8 @@ def layer_format(fmt: str, name: str) -> str:
 
 
 def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
-    """Store the linear weights of a float model in `fmt` (a few layers wider), in place; the rest becomes float32."""
+    """Store the linear weights of a float model in `fmt` (a few layers wider), in place; the norms become
+    float32 and the embedding keeps its precision (its rows are widened as they are gathered)."""
     check_format(fmt)
     if model.weight_format is not None:
         if model.weight_format == fmt:
@@ -194,9 +202,9 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
             f"the model's weights are already stored as {model.weight_format}; load the original float checkpoint to get {fmt}"
         )
     layers = linear_layers(model)
-    linear_weights = {id(layer.weight) for *_, layer in layers}
+    kept = {id(layer.weight) for *_, layer in layers} | {id(model.transformer.wte.weight)}
     for param in model.parameters():  # not model.float(): that would widen the packed bf16/float16 buffers too
-        if id(param) not in linear_weights:
+        if id(param) not in kept:
             param.data = param.data.float()
     for name, parent, attribute, layer in layers:
         setattr(parent, attribute, PackedLinear.pack(layer.weight, layer_format(fmt, name)))

@@ -115,6 +115,7 @@ class GPTRefactForCausalLM(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.source: str | None = None  # the folder it was loaded from, for reports
         self.weight_format: str | None = None  # bf16/int8/int4 once midfill.model.quantize packed it
+        self.precision = None  # how load_model chose to run it, and why (midfill.model.precision.Precision)
         self.dropout = 0.0  # residual dropout while training; the trainer schedules it (early dropout)
         self.attention = "auto"  # "sdpa", "flex", or "auto": flex while training on a GPU (see uses_flex)
 
@@ -149,8 +150,10 @@ class GPTRefactForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         hidden_states: list[torch.Tensor] | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] for input_ids [B, T].
+        """Logits [B, T, vocab] for input_ids [B, T] ([B, 1, vocab] of the last position with last_only:
+        a prefill needs no others, and the head is a large share of a prompt's work).
 
         attention_mask ([B, past+T], 1 = real token, 0 = padding) covers the cached positions too.
         With a cache, each row's new tokens are appended after that row's cached ones and attend
@@ -164,7 +167,7 @@ class GPTRefactForCausalLM(nn.Module):
         else:
             bias = self.sdpa_bias(input_ids, attention_mask, cache)
 
-        x = self.transformer.wte(input_ids)
+        x = self.transformer.wte(input_ids).to(self.dtype)  # packed models keep the table narrower
         if hidden_states is not None:
             hidden_states.append(x)
         for layer, block in enumerate(self.transformer.h):
@@ -173,7 +176,7 @@ class GPTRefactForCausalLM(nn.Module):
                 hidden_states.append(x)
         if cache is not None:
             cache.advance(n_tok)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
 
     def sdpa_bias(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         """The additive bias [B, 1, T*H, past+T] (ALiBi, causal, padding) with the heads folded into rows."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from midfill.engine.scheduler import Engine
 from midfill.engine.stops import suffix_window
+from midfill.model.precision import describe
 from midfill.server.metrics import Metrics
 from midfill.tokenizer import Tokenizer
 
@@ -44,6 +46,11 @@ class ServerState:
     @property
     def ctx(self) -> int:
         return self.engine.ctx
+
+    @functools.cached_property
+    def path(self) -> dict[str, str]:
+        """Which weights, decode and prefill path the model runs, and why (midfill.model.precision)."""
+        return describe(self.engine.model)
 
 
 def get_state(request: Request) -> ServerState:

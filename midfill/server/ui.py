@@ -41,6 +41,7 @@ async def status(state: ServerState = Depends(get_state)):
         "parameters": net.num_parameters(),
         "weights": net.weight_format or str(net.dtype).removeprefix("torch."),
         "dtype": str(net.dtype).removeprefix("torch."),
+        "path": state.path,
         "device": str(net.device),
         "context": state.ctx,
         "queue_depth": engine.queue_depth,

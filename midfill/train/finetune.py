@@ -253,7 +253,7 @@ def finetune(config: FinetuneConfig, progress: Report | None = None, log: Callab
     epochs = config.epochs or max(1, min(10, math.ceil(config.target_tokens / max(train_tokens, 1))))
     steps = epochs * data.steps_per_epoch if config.max_steps is None else min(config.max_steps, epochs * data.steps_per_epoch)
     if fresh:  # exact match in float32 for base and finetuned alike (finish() measures the merged adapter so)
-        reference = model if model.dtype == torch.float32 else load_model(config.model, device=device)
+        reference = model if model.dtype == torch.float32 else load_model(config.model, dtype="float32", device=device)
         base_match = exact_matches(reference, tok, examples, config.block)
         del reference
     lora = LoraConfig(config.r, config.alpha, config.dropout)
@@ -281,7 +281,7 @@ def finish(config: FinetuneConfig, run: Run, tok: Tokenizer, examples: dict[str,
     """Copy the best adapter to adapter/, measure it, write the curve and the report."""
     folder, best_dir = run.folder, run.folder.checkpoint_dir(run.best_step, run.best_val_loss)
     shutil.copytree(best_dir, folder.adapter, dirs_exist_ok=True)  # an adapter is always the same two files
-    best = load_model(config.model, device=config.device)
+    best = load_model(config.model, dtype="float32", device=config.device)
     load_adapter(best, folder.adapter)
     merge_lora(best)
     base = folder.rows()[0]

@@ -168,7 +168,7 @@ def new_model(config: TrainConfig, tok: Tokenizer) -> GPTRefactForCausalLM:
     model = GPTRefactForCausalLM(RefactConfig(vocab_size=padded_vocab(tok.vocab_size), torch_dtype="float32", **config.shape()))
     init_weights(model)
     if config.init_from:
-        base = load_model(config.init_from)
+        base = load_model(config.init_from, dtype="float32")
         keys = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "mlp_hidden")
         theirs, ours = ({k: getattr(c, k) for k in keys} for c in (base.config, model.config))
         if theirs != ours:

@@ -264,6 +264,7 @@ async function refreshStatus() {
     fill($("status-grid"), [
       ["model", s.model, "model"], ["weights / dtype", `${s.weights} / ${s.dtype}`, "weights"], ["device", s.device, "device"],
       ["parameters", s.parameters.toLocaleString("en"), "parameters"], ["context", s.context, "context"],
+      ["why these weights", s.path.why, "path-why"], ["decode path", s.path.decode, "path-decode"], ["prefill path", s.path.prefill, "path-prefill"],
       ["decode tokens/s", number(s.tokens_per_s), "tokens_per_s"], ["time to first token", number(s.ttft_ms, 0, " ms"), "ttft_ms"],
       ["prefix-cache hit rate", s.prefix_cache_hit_rate === null ? "–" : `${(100 * s.prefix_cache_hit_rate).toFixed(0)}%`, "hit_rate"],
       ["queue depth", s.queue_depth, "queue_depth"], ["running", s.active, "active"],
