@@ -1,6 +1,7 @@
 """Decode benchmark: Refact-1.6B's real shape on this machine, fp32 / bf16 / int8 / int4 weights.
 
     python benchmarks/decode.py [--formats fp32,bf16,int8,int4] [--prompt 512] [--new 64] [--layers N]
+                                [--rows 1,2,4,8] [--variants avx2,avx512vnni]
 
 Builds a random-weight model with the real 1.6B config in memory (no download; speed does not
 depend on the values), then per format, each in its own process so peak RSS is its own:
@@ -10,13 +11,20 @@ depend on the values), then per format, each in its own process so peak RSS is i
 - time to first token and prefill tokens/s on a --prompt-token prompt (chunked prefill);
 - decode tokens/s over --new tokens, through the engine's own decode loop (midfill.engine);
 - the bound: bandwidth / bytes of weights read per token, and decode speed as a fraction of it
-  (the median over the slices).
+  (the median over the slices);
+- with --rows: aggregate decode tokens/s of batches of that many rows (one decode step for all
+  rows, midfill.model.decode_step, as the engine batches requests or a speculative step verifies
+  drafted tokens) and each count's ratio to one row, the counts taking turns within each round;
+  every row attends to --prompt cached positions (random keys and values: speed ignores them).
+Each format runs with the kernel variant the CPU gets by default (native.variant(), printed), or
+with each of --variants in turn (MIDFILL_KERNELS).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,8 +37,9 @@ from midfill.engine.request import GenerationRequest
 from midfill.engine.scheduler import Engine
 from midfill.kernels import native
 from midfill.kernels.huge_pages import huge_page_bytes
-from midfill.model import GPTRefactForCausalLM, RefactConfig
+from midfill.model import GPTRefactForCausalLM, KVCache, RefactConfig
 from midfill.model.alibi import alibi_slopes
+from midfill.model.decode_step import decode_one
 from midfill.model.quantize import PackedLinear, empty_packed, linear_layers, place_on_huge_pages, weight_bytes_per_token
 
 BANDWIDTH_BYTES = 1 << 30
@@ -85,8 +94,38 @@ class Bandwidth:
         return best
 
 
-def measure(fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, rounds: int = 8) -> dict:
-    """Prefill, then decode in `rounds` slices, each right after a bandwidth reading.
+def measure_rows(model: GPTRefactForCausalLM, counts: list[int], context: int, steps: int = 4, rounds: int = 4) -> dict:
+    """Aggregate decode tokens/s per row count (median of `rounds`) and its ratio to one row (median per round).
+
+    The counts take turns within each round, so a drift in bandwidth moves them together.
+    """
+    config = model.config
+    caches = {}
+    for count in counts:
+        cache = KVCache.allocate(config, count, context + rounds * steps + 1, torch.float32, "cpu")
+        cache.k.normal_()
+        cache.v.normal_()
+        cache.lengths.fill_(context)
+        caches[count] = cache
+    speeds = {count: [] for count in counts}
+    for _ in range(rounds):
+        for count in counts:
+            ids = torch.randint(0, config.vocab_size, (count,))
+            start = time.perf_counter()
+            for _ in range(steps):
+                decode_one(model, ids, caches[count])
+            speeds[count].append(count * steps / (time.perf_counter() - start))
+    base = 1 if 1 in counts else counts[0]
+    return {
+        "rows_tok_s": {count: statistics.median(s) for count, s in speeds.items()},
+        "rows_ratio": {count: statistics.median(a / b for a, b in zip(s, speeds[base])) for count, s in speeds.items()},
+    }
+
+
+def measure(
+    fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, rounds: int = 8, row_counts: list[int] | None = None
+) -> dict:
+    """Prefill, then decode in `rounds` slices, each right after a bandwidth reading; then the row counts, if any.
 
     This machine's bandwidth drifts by 20% from minute to minute, so the fraction of the bound
     is taken per round (tokens/s over the bound of that moment) and the median round reported.
@@ -115,6 +154,7 @@ def measure(fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, 
         fractions.append((n / elapsed) / (readings[-1] / weight_bytes))
     decode = new_tokens / decode_seconds
     band = statistics.median(readings)
+    batched = measure_rows(model, row_counts, prompt_tokens) if row_counts else {}
     return {
         "format": fmt,
         "layers": model.config.n_layer,
@@ -129,8 +169,26 @@ def measure(fmt: str, prompt_tokens: int, new_tokens: int, n_layer: int | None, 
         "fraction_per_round": [round(f, 3) for f in fractions],
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "native_kernels": native.available(),
+        "kernels": native.variant(),
         "threads": torch.get_num_threads(),
+        **batched,
     }
+
+
+def report(row: dict) -> str:
+    line = (
+        f"{row['format']:>5} [{row['kernels'] or 'torch'}]: {row['weight_bytes_per_token'] / 1e9:.2f} GB/token, "
+        f"read {row['bandwidth_gb_s']:.1f} GB/s, bound {row['bound_tok_s']:.2f} tok/s, decode {row['decode_tok_s']:.2f} tok/s "
+        f"({row['fraction_of_bound']:.0%} of bound), prefill {row['prefill_tok_s']:.1f} tok/s, "
+        f"TTFT {row['ttft_s']:.2f} s, peak RSS {row['peak_rss_gb']:.2f} GB"
+    )
+    if "rows_tok_s" in row:  # steps/s over the bound: how near each row count still is to reading the weights only
+        speeds = row["rows_tok_s"]
+        line += "\n       rows: " + ", ".join(
+            f"{count}: {speed:.2f} tok/s ({row['rows_ratio'][count]:.2f}x, steps at {speed / int(count) / row['bound_tok_s']:.0%} of bound)"
+            for count, speed in speeds.items()
+        )
+    return line
 
 
 def main() -> None:
@@ -139,25 +197,24 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (default: the real 32)")
+    parser.add_argument("--rows", default="", help="row counts to decode together, e.g. 1,2,4,8 (default: none)")
+    parser.add_argument("--variants", default="", help="kernel variants to run each format with, e.g. avx2,avx512vnni")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one format in this process (used by the parent)
     args = parser.parse_args()
+    row_counts = [int(count) for count in args.rows.split(",") if count]
     if args.one:
-        print(json.dumps(measure(args.one, args.prompt, args.new, args.layers)))
+        print(json.dumps(measure(args.one, args.prompt, args.new, args.layers, row_counts=row_counts)))
         return
     rows = []
-    for fmt in args.formats.split(","):
-        command = [sys.executable, __file__, "--one", fmt, "--prompt", str(args.prompt), "--new", str(args.new)]
-        if args.layers:
-            command += ["--layers", str(args.layers)]
-        rows.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
-        row = rows[-1]
-        print(
-            f"{row['format']:>5}: {row['weight_bytes_per_token'] / 1e9:.2f} GB/token, read {row['bandwidth_gb_s']:.1f} GB/s, "
-            f"bound {row['bound_tok_s']:.2f} tok/s, decode {row['decode_tok_s']:.2f} tok/s "
-            f"({row['fraction_of_bound']:.0%} of bound), prefill {row['prefill_tok_s']:.1f} tok/s, "
-            f"TTFT {row['ttft_s']:.2f} s, peak RSS {row['peak_rss_gb']:.2f} GB",
-            flush=True,
-        )
+    for variant in args.variants.split(",") if args.variants else [None]:
+        environment = {**os.environ, native.OVERRIDE: variant} if variant else None
+        for fmt in args.formats.split(","):
+            command = [sys.executable, __file__, "--one", fmt, "--prompt", str(args.prompt), "--new", str(args.new)]
+            command += ["--layers", str(args.layers)] if args.layers else []
+            command += ["--rows", args.rows] if row_counts else []
+            done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
+            rows.append(json.loads(done.stdout.splitlines()[-1]))
+            print(report(rows[-1]), flush=True)
     print(json.dumps(rows))
 
 
