@@ -127,7 +127,7 @@ def test_attention_matches_softmax_attention(variant):
     bias[1, :, 20:] = torch.finfo(torch.float32).min  # hidden keys
     span = bias.shape[-1]
     expected = torch.softmax(q @ k[:, :span].transpose(1, 2) / 8 + bias, -1) @ v[:, :span]
-    torch.testing.assert_close(native.attention_one(q, k, v, bias), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.attention_one(q, k, v, torch.arange(q.shape[0]), bias), expected, rtol=1e-5, atol=1e-5)
 
 
 def filled_cache(model, rows: int, prompt: int) -> KVCache:
@@ -161,3 +161,15 @@ def test_decode_block_takes_a_full_batch_row_for_row(variant, fmt):
     for row in range(rows):
         alone = decode_one(model, new[row : row + 1], filled_cache(model, 1, prompt))
         assert torch.equal(alone[0], got[row]), row
+
+
+@pytest.mark.parametrize("shape", [(17, 64, 5), (40, 96, 70), (3, 256, 257), (600, 32, 40)])
+def test_prompt_product_on_bf16_weights(variant, shape):
+    """prefill.c: float32 products on bf16 weights widened a block at a time equal torch's float32
+    GEMM on the widened matrix (another summation order); AVX2 builds have no such kernel."""
+    if not native.has_gemm_bf16():
+        pytest.skip(f"the {variant} build multiplies prompts through torch (prefill.c needs AVX-512)")
+    rows, n_in, n_out = shape
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, n_in), torch.randn(n_out, n_in).bfloat16()
+    torch.testing.assert_close(native.gemm_bf16(x, weight), x @ weight.float().T, rtol=1e-5, atol=1e-5)

@@ -60,6 +60,8 @@ def test_a_bf16_checkpoint_loads_packed_and_equals_its_float32_math(tmp_path):
         expected, prompt = reference(IDS), model(IDS)
     if has_bf16_matrix_units():  # the prompt went through bf16 matrix units: activations rounded to bf16
         torch.testing.assert_close(prompt, expected, rtol=2e-2, atol=2e-2)
+    elif native.has_gemm_bf16():  # float32 products on the bf16 weights, summed in another order
+        torch.testing.assert_close(prompt, expected, rtol=1e-5, atol=1e-5)
     else:  # each layer widened to float32: the same products as the reference, bit for bit
         assert torch.equal(prompt, expected)
     cache = KVCache.allocate(model.config, batch=1, max_len=IDS.shape[1], dtype=torch.float32, device="cpu")

@@ -1,4 +1,4 @@
-"""Builds decode.c on first use, once per instruction set, and calls the best build the CPU runs.
+"""Builds decode.c and prefill.c on first use, once per instruction set, and calls the best build the CPU runs.
 
 A plain C file with no torch headers compiles in a few seconds, so the package builds it itself,
 once per machine and variant, into a cache folder, and binds it with ctypes. VARIANTS lists the
@@ -26,7 +26,7 @@ import torch
 
 from midfill.errors import MidfillError
 
-SOURCE = Path(__file__).with_name("decode.c")
+SOURCES = (Path(__file__).with_name("decode.c"), Path(__file__).with_name("prefill.c"))  # one library
 # -fno-tree-pre: with partial redundancy elimination GCC copies every integer accumulator of the int8
 # and int4 loops once per turn, a third more instructions there (GCC 12)
 COMMON_FLAGS = ("-O2", "-fno-tree-pre", "-fopenmp", "-fPIC", "-shared")
@@ -97,10 +97,10 @@ def build(target: Path, flags: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
-        raise OSError(f"compiling {SOURCE.name} failed: {exc.stderr.strip()[:500]}") from None
+        raise OSError(f"compiling {' and '.join(s.name for s in SOURCES)} failed: {exc.stderr.strip()[:500]}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -110,7 +110,7 @@ def build(target: Path, flags: list[str]) -> None:
 def load(variant: Variant) -> ctypes.CDLL:
     """One variant's kernels, built first if this machine has no copy of this source with these flags."""
     flags = [*COMMON_FLAGS, *variant.compiler_flags]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"decode-{variant.name}-{digest}.so"
     if not target.exists():
         build(target, flags)
@@ -122,11 +122,12 @@ def load(variant: Variant) -> ctypes.CDLL:
     lib.midfill_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int4.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
-    lib.midfill_attention_one.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32]
+    lib.midfill_attention_one.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32]
     lib.midfill_read_bandwidth.argtypes = [ptr, i64]
-    lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr, ptr, i64]
+    lib.midfill_gemm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+    lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64]
     lib.midfill_read_bandwidth.restype = f32
-    for kernel in ("linear_bf16", "linear_int8", "linear_int4", "attention_one", "decode_block"):
+    for kernel in ("linear_bf16", "linear_int8", "linear_int4", "attention_one", "decode_block", "gemm_bf16"):
         getattr(lib, f"midfill_{kernel}").restype = ctypes.c_int
     return lib
 
@@ -194,8 +195,22 @@ def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, mini
     return _linear(library().midfill_linear_int4, x, weight.shape[0], pointers)
 
 
-def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(D) + bias) v for one query per row: q [B, H, D]; k, v [B, >=S, D]; bias [B, H, S].
+def has_gemm_bf16() -> bool:
+    """Whether this build multiplies many rows by bf16 weights itself (prefill.c: AVX-512 builds)."""
+    return available() and variant() != "avx2"
+
+
+def gemm_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 (contiguous) times bf16 weight [N, K] transposed -> [M, N] float32, for many rows:
+    float32 products on weights widened a block at a time, never the whole matrix (prefill.c)."""
+    y = torch.empty(x.shape[0], weight.shape[0])
+    _checked(library().midfill_gemm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0], x.shape[1]))
+    return y
+
+
+def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(D) + bias) v, query b against cache row rows[b]: q [R, H, D]; k, v [B, >=S, D];
+    rows [R] int64; bias [R, H, S].
 
     k and v may be views of a longer cache (rows contiguous, positions past S ignored).
     """
@@ -203,11 +218,12 @@ def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     span = bias.shape[-1]
     if k.stride(2) != 1 or k.stride(1) != dim or v.stride() != k.stride():
         raise ValueError("attention_one needs keys and values laid out [B, positions, D] with the same strides")
-    q, bias = q.contiguous(), bias.contiguous()
+    q, rows, bias = q.contiguous(), rows.contiguous(), bias.contiguous()
     out = torch.empty_like(q)
     _checked(
         library().midfill_attention_one(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, heads, span, dim, k.stride(0), dim**-0.5
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), rows.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, heads, span, dim,
+            k.stride(0), dim**-0.5,
         )
     )  # fmt: skip
     return out
@@ -236,21 +252,23 @@ def decode_block(
     matrices: ctypes.Array,
     keys: torch.Tensor,
     values: torch.Tensor,
+    rows: torch.Tensor,
     slots: torch.Tensor,
     bias: torch.Tensor,
 ) -> None:
-    """x [B, E] += one decoder block for one new token per row, in place.
+    """x [R, E] += one decoder block for R new tokens, in place; token r belongs to cache row rows[r].
 
     shape = (heads, head_dim, mlp_width); matrices = q, kv, attention out, gate_up, mlp out;
-    keys/values [B, max_len, D] (one layer of the cache) receive the new token at slots [B] (int64).
+    keys/values [B, max_len, D] (one layer of the cache) receive token r at row rows[r], position
+    slots[r] (both int64); bias [R, H, S] as for attention_one.
     """
     batch, n_embd = x.shape
     heads, head_dim, width = shape
     _checked(
         library().midfill_decode_block(
             x.data_ptr(), batch, n_embd, heads, head_dim, width, norms[0].data_ptr(), norms[1].data_ptr(), eps,
-            ctypes.addressof(matrices), keys.data_ptr(), values.data_ptr(), keys.stride(0), slots.data_ptr(),
-            bias.data_ptr(), bias.shape[-1],
+            ctypes.addressof(matrices), keys.data_ptr(), values.data_ptr(), keys.stride(0), rows.data_ptr(),
+            slots.data_ptr(), bias.data_ptr(), bias.shape[-1],
         )
     )  # fmt: skip
 

@@ -3,8 +3,10 @@
 Decoding reads each weight once per token and is bound by memory; a prompt multiplies hundreds of
 rows by each weight and is bound by arithmetic, so it goes to the fastest matrix units at hand:
 - bf16: where the CPU has bf16 matrix units (AMX), torch's bf16 GEMM on the weights as they are
-  (activations rounded to bf16, products summed in float32); elsewhere the one layer is widened to
-  float32 and multiplied by torch's float32 GEMM, the fastest path without them (and exact).
+  (activations rounded to bf16, products summed in float32). Without them float32 arithmetic is the
+  fastest (AVX512-BF16's dot product runs at half float32 FMA's rate here): with AVX-512, prefill.c
+  widens the weights a block at a time as it multiplies (as fast as torch's float32 GEMM, and no
+  float32 copy); on AVX2, the one layer is widened and multiplied by torch's float32 GEMM.
 - int8: activations split into two int8 codes per value (as fine as int16) and two of torch's int8
   GEMMs (VNNI or AMX through oneDNN): on this repo's AVX-512 Xeon 2.3x float32's rate. The
   weights are read as stored.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from midfill.kernels import native
 from midfill.kernels.native import cpu_flags
 
 
@@ -49,5 +52,7 @@ def int8_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 def bf16_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if has_bf16_matrix_units():
         return F.linear(rows.bfloat16(), weight).float()
+    if native.has_gemm_bf16():
+        return native.gemm_bf16(rows, weight)
     return F.linear(rows, weight.float())
 

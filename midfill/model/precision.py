@@ -90,8 +90,12 @@ def describe(model: torch.nn.Module) -> dict[str, str]:
     if fmt is None or model.device.type != "cpu":
         prefill = f"torch {str(model.dtype).removeprefix('torch.')} GEMM"
     elif fmt == "bf16":
-        prefill = ("torch bf16 GEMM on the bf16 weights (AMX)" if has_bf16_matrix_units()
-                   else "torch float32 GEMM, each layer widened in turn (no bf16 matrix units here)")  # fmt: skip
+        if has_bf16_matrix_units():
+            prefill = "torch bf16 GEMM on the bf16 weights (AMX)"
+        elif native.has_gemm_bf16():
+            prefill = f"native {native.variant()} GEMM, float32 products on bf16 weights widened a block at a time"
+        else:
+            prefill = "torch float32 GEMM, each layer widened in turn (no bf16 matrix units here)"
     else:
         prefill = "torch int8 GEMM, activations as two int8 codes" + ("" if fmt == "int8" else ", each layer widened to int8 in turn")
     return {"weights": weights, "why": precision.reason if precision else "built in memory", "decode": decode, "prefill": prefill}
