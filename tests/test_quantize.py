@@ -149,7 +149,7 @@ def test_native_attention_matches_softmax_attention():
     bias[1, :, 20:] = torch.finfo(torch.float32).min  # hidden keys
     span = bias.shape[-1]
     expected = torch.softmax(q @ k[:, :span].transpose(1, 2) / 8 + bias, -1) @ v[:, :span]
-    torch.testing.assert_close(native.attention_one(q, k, v, bias), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.attention_one(q, k, v, torch.arange(q.shape[0]), bias), expected, rtol=1e-5, atol=1e-5)
 
 
 def decode_against_forward(model, batch: int = 3, prompt: int = 9):

@@ -107,7 +107,7 @@ def batched_together(engine: Engine, n: int):
             deadline = time.monotonic() + 20
             while submitted < n and time.monotonic() < deadline:
                 time.sleep(0.001)
-        peak[0] = max(peak[0], x.shape[0])  # decode steps run [batch, n_embd], prefills [1, tokens, n_embd]
+        peak[0] = max(peak[0], len(engine.active))  # sequences in the pass (drafted tokens add rows, not sequences)
         return forward(x, *args, **kwargs)
 
     engine.submit, head.forward = counting, gathering  # the decode step and the full forward both call head.forward
@@ -519,16 +519,16 @@ def failing_decode(monkeypatch):
     """After `ok` decode steps (the first token comes from the prefill), every decode step raises."""
     import midfill.engine.scheduler as scheduler
 
-    real = scheduler.decode_one
+    real = scheduler.decode_rows
     state = {"calls": 0, "ok": 2}
 
-    def decode_one(*args, **kwargs):
+    def decode_rows(*args, **kwargs):
         state["calls"] += 1
         if state["calls"] > state["ok"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scheduler, "decode_one", decode_one)
+    monkeypatch.setattr(scheduler, "decode_rows", decode_rows)
     return state
 
 

@@ -195,6 +195,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=0, help="Waiting requests beyond which 503 is answered.")] = 64,
     ctx: CtxOpt = None,
     prefix_cache_mb: Annotated[float, typer.Option(min=0, help="Memory for reusable prompt KV.")] = 512.0,
+    speculate: Annotated[
+        bool, typer.Option(help="Verify prompt-lookup drafts where they pay (same output; requests can opt out).")
+    ] = True,
     fim_order: Annotated[str, typer.Option(help="FIM order for prompts built here: spm or psm.")] = "spm",
     name: Annotated[Optional[str], typer.Option(help="Model name clients see (default: the folder's).")] = None,
     finetune_run: Annotated[
@@ -212,7 +215,8 @@ def serve(
 
     one_of("--fim-order", fim_order, FIM_ORDERS)
     net, tok = load(loading, adapter.lora)
-    engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb)
+    engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx, prefix_cache_mb=prefix_cache_mb,
+                    speculate=speculate)
     default_name = "midfill-embedded" if loading.model is None else Path(loading.model).name
     lora = adapter.lora
     if finetune_run is None and lora is not None and RunFolder(Path(lora).parent).progress.is_file():

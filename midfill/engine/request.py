@@ -21,6 +21,7 @@ class GenerationRequest:
     ms_after_first_token: float | None = None
     serial_group: int | None = None  # requests of one group run one after another, in the order they came
     cache_prompt: bool = True  # reuse cached KV of earlier prompts, and offer this one's to later requests
+    speculate: bool = True  # verify prompt-lookup drafts where they pay (engine/speculate.py); same output either way
     # Token healing (engine/healing.py): the same prompt without the prefix's last token, used
     # when the model's own next token would have merged with that token.
     healed_prompt_ids: list[int] | None = None
@@ -42,6 +43,8 @@ class GenerationResult:
     ttft_ms: float = 0.0  # from submission to the first sampled token
     stopping_word: str = ""  # the stop string that ended the text, if one did
     token_ids: list[int] = field(default_factory=list)  # the generated ids, without the stop id
+    drafted_tokens: int = 0  # prompt-lookup tokens verified, and how many of them were kept
+    accepted_tokens: int = 0
 
     @classmethod
     def empty(cls, request: "GenerationRequest", reason: str) -> "GenerationResult":

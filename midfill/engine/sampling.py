@@ -50,15 +50,16 @@ class Sampler:
         else:
             self.generator.manual_seed(params.seed % SEED_SPACE)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """`seen` [B, V] marks tokens already in each row's context, for the repetition penalty."""
+    def adjusted(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] as tokens are drawn from them: repetition penalty (`seen` [B, V] marks tokens
+        already in each row's context), then for sampling temperature, top-k and top-p."""
         p = self.params
         logits = logits.float()
         if seen is not None and p.repetition_penalty != 1.0:
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(seen, penalized, logits)
         if p.greedy:
-            return logits.argmax(dim=-1)
+            return logits
         # shifted so the best logit is 0: a small temperature then sends the others to -inf, never to nan
         logits = (logits - logits.max(dim=-1, keepdim=True).values) / p.temperature
         if p.top_k:
@@ -71,5 +72,26 @@ class Sampler:
             drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token ids [B] for last-position logits [B, V]."""
+        logits = self.adjusted(logits, seen)
+        if self.params.greedy:
+            return logits.argmax(dim=-1)
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
+
+    def next_token(self, logits: torch.Tensor, seen: torch.Tensor | None, guess: int | None) -> int:
+        """One row's next token (logits [1, V]) when a draft guessed `guess`, distributed exactly as
+        __call__'s: greedy takes the argmax; sampling keeps the guess with its own probability p and
+        otherwise draws from the other tokens renormalised (p + (1 - p) * q / (1 - p) = q for each)."""
+        if guess is None:
+            return int(self(logits, seen)[0])
+        logits = self.adjusted(logits, seen)
+        if self.params.greedy:
+            return int(logits.argmax(dim=-1)[0])
         probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        if float(torch.rand(1, generator=self.generator)) < float(probs[0, guess]):
+            return guess
+        probs[0, guess] = 0.0
+        return int(torch.multinomial(probs, 1, generator=self.generator)[0])

@@ -3,7 +3,9 @@
 Continuous batching: requests join and leave between decode steps. Every active sequence has a
 row in one preallocated KV slab; rows stay packed (a finished row is refilled by the last one),
 so a decode step is one forward pass over rows 0..B-1. A new request first takes the longest
-cached token prefix from the PrefixCache and prefills only the rest.
+cached token prefix from the PrefixCache and prefills only the rest. With speculation on, a row
+may bring drafted tokens to the same pass (engine/speculate.py); what it does not keep is rolled
+back by its length alone.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from midfill.engine.assembler import TextAssembler
 from midfill.engine.prefix_cache import PrefixCache
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sequence import EventSink, Sequence, emit
+from midfill.engine.speculate import PassTimes
 from midfill.errors import MidfillError
 from midfill.model import GPTRefactForCausalLM, KVCache
-from midfill.model.decode_step import decode_one
+from midfill.model.decode_step import decode_rows
 from midfill.tokenizer import Tokenizer
 
 log = logging.getLogger("midfill.engine")
@@ -53,6 +56,7 @@ class Engine:
         max_queue: int = 64,
         ctx: int | None = None,
         prefix_cache_mb: float = 256.0,
+        speculate: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise MidfillError("--max-batch must be >= 1 and --max-queue >= 0")
@@ -63,6 +67,8 @@ class Engine:
         self.ctx = min(ctx or model.config.n_positions, model.config.n_positions)
         self.slab = KVCache.allocate(model.config, max_batch, self.ctx, model.dtype, model.device)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
+        self.speculate = speculate  # requests may opt out one by one (GenerationRequest.speculate)
+        self.pass_times = PassTimes()
         self.active: list[Sequence] = []
         self.pending: deque[Pending] = deque()
         self.wakeup = threading.Condition()
@@ -208,13 +214,23 @@ class Engine:
                 seq.finish_reason = "cancelled"
         if any(seq.finish_reason for seq in self.active):
             return  # retire first, so the batch below holds live rows only
-        ids = torch.tensor([seq.next_token for seq in self.active], device=self.model.device)
-        logits = decode_one(self.model, ids, self.slab.rows(0, len(self.active)))
-        for row, seq in enumerate(self.active):
+        drafts: list[list[int]] = []
+        for seq in self.active:
+            rows = len(self.active) + sum(map(len, drafts))
+            drafts.append(seq.draft(rows, self.pass_times) if self.speculate else [])
+        tokens = [t for seq, draft in zip(self.active, drafts) for t in (seq.next_token, *draft)]
+        rows = [row for row, draft in enumerate(drafts) for _ in range(1 + len(draft))]
+        view = self.slab.rows(0, len(self.active))
+        started = time.perf_counter()
+        logits = decode_rows(self.model, torch.tensor(tokens, device=self.model.device), torch.tensor(rows, device=self.model.device), view)
+        self.pass_times.record(len(tokens), time.perf_counter() - started)
+        first = 0
+        for row, (seq, draft) in enumerate(zip(self.active, drafts)):
             try:
-                seq.sample(logits[row : row + 1])
+                view.lengths[row] += seq.take(logits[first : first + 1 + len(draft)], draft)
             except Exception:  # ends that row alone
                 log.exception("sampling failed for one request")
+            first += 1 + len(draft)
 
     def _retire(self) -> None:
         """Finish the sequences that are done: report, keep their KV, and pack the rows again."""

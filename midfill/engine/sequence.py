@@ -18,6 +18,7 @@ from midfill.engine.healing import RequiredPrefix, healing_wanted
 from midfill.engine.prefix_cache import PrefixCache
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
 from midfill.engine.sampling import Sampler
+from midfill.engine.speculate import DraftPolicy, NgramIndex, PassTimes
 from midfill.model import GPTRefactForCausalLM, KVCache
 from midfill.tokenizer import Tokenizer
 
@@ -62,6 +63,8 @@ class Sequence:
         self.n_sampled = 0
         self.next_token = -1  # sampled, to be fed at the next decode step
         self.finish_reason: str | None = None
+        self.lookup: NgramIndex | None = None  # built at the first draft, then kept up to date (speculate.py)
+        self.policy = DraftPolicy()
 
     @property
     def generated(self) -> list[int]:
@@ -111,19 +114,46 @@ class Sequence:
         self.assembler.skip = wanted
         return run_prompt(model, slab, row, healed, keep)
 
-    def sample(self, logits: torch.Tensor) -> None:
-        """Sample the next token from logits [1, V] and take it; a failure ends this sequence alone."""
+    def sample(self, logits: torch.Tensor, guess: int | None = None) -> int:
+        """Sample the next token from logits [1, V] (given a draft's guess, see Sampler.next_token) and
+        take it; a failure ends this sequence alone."""
         try:
             healing = self.required is not None and not self.required.done
             if healing:
                 logits = self.required.mask(logits)
-            token = int(self.sampler(logits, self.seen)[0])
+            token = self.sampler.next_token(logits, self.seen, guess)
             if healing:
                 self.required.advance(token)
         except Exception:
             self.finish_reason = "error"
             raise
         self.accept(token)
+        return token
+
+    def draft(self, rows: int, times: PassTimes) -> list[int]:
+        """Tokens to verify after next_token in a pass that already has `rows` rows: a prompt-lookup
+        draft as long as pays (speculate.py), none while healing or when the request opted out."""
+        if not self.request.speculate or self.finish_reason is not None or (self.required and not self.required.done):
+            return []
+        if self.lookup is None:
+            self.lookup = NgramIndex(self.tokens)
+        limit = self.request.max_new_tokens - self.n_sampled  # a guess for each token still wanted
+        return self.lookup.draft(self.policy.length(rows, times, limit))
+
+    def take(self, logits: torch.Tensor, draft: list[int]) -> int:
+        """Verify a draft with logits [1 + len(draft), V] of next_token and the drafted tokens: take
+        the sampled tokens while they agree with it, plus the one after. Returns how many of those
+        rows' keys and values to keep (next_token's and those of the accepted drafted tokens)."""
+        kept = accepted = 0
+        for j in range(len(draft) + 1):
+            guess = draft[j] if j < len(draft) else None
+            token = self.sample(logits[j : j + 1], guess)
+            kept += 1
+            accepted += token == guess
+            if token != guess or self.finish_reason is not None:
+                break
+        self.policy.verdict(len(draft), accepted)
+        return kept
 
     def accept(self, token: int) -> None:
         """Take one sampled token: stream its text, or decide that the sequence is done."""
@@ -153,6 +183,8 @@ class Sequence:
             self.next_token = token
             if self.seen is not None:
                 self.seen[0, token] = True
+        if self.lookup is not None:
+            self.lookup.extend([token])
 
     def finish(self) -> None:
         """Flush the last text and report the result."""
@@ -177,6 +209,8 @@ class Sequence:
             ttft_ms=(first - self.submitted_at) * 1000,
             stopping_word=self.assembler.stopping_word if self.assembler else "",
             token_ids=self.generated,
+            drafted_tokens=self.policy.drafted_total,
+            accepted_tokens=self.policy.accepted_total,
         )
 
     def emit(self, event: Event) -> None:

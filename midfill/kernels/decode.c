@@ -213,18 +213,13 @@ static void nibble_order(int16_t *q, int64_t M, int64_t K) {
 
 /* ---- The kernels, inlined per row count M and per unit of NR weight rows n[0..NR). ----
  *
- * A thread finishes its units TILE at a time and walks K in chunks: each chunk's activations (all M
- * rows) stay in L1 while it meets every weight row of the tile, instead of streaming from L2 once per
- * weight row. The running float sums of the tile wait in memory between chunks. Chunks only decide
- * when sums are stored, never the order in which they are added, so no output depends on them; every
- * output has one chain of sums, however many rows and weight rows share the loop. */
+ * Each output is one chain of sums over k, whatever M and NR, so no output depends on the rows or
+ * weight rows that share its loop. (Walking K in chunks whose activations stay in L1 made the
+ * kernels faster with weights in L2, but no faster, or slower, with weights streaming from memory.) */
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 8")
-#define UNIT_MAX 4               /* weight rows a unit can hold */
-#define TILE 8                   /* units a thread finishes together */
-#define GRAIN 512                /* chunks are whole multiples of this many weights (int8 folds its integer sums here) */
-#define CHUNK_BYTES (24 << 10)   /* activation bytes a chunk may span, all rows together */
+#define UNIT_MAX 4 /* weight rows a unit can hold */
 
 /* Inlined by force: as a plain function GCC finds it free of side effects and drops every call. */
 ALWAYS_INLINE void prefetch(const void *p) { _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0); }
@@ -238,16 +233,14 @@ typedef struct {
     int64_t N, K;
 } Product;
 
-typedef vfloat Sums[2 * MAX_ROWS]; /* a unit's running float sums, [m * NR + r]: M * NR is at most 2 * MAX_ROWS */
-
-ALWAYS_INLINE void chunk_bf16(const Product *p, const int64_t *n, int64_t k0, int64_t k1, vfloat *sums, const int M,
-                              const int NR) {
+ALWAYS_INLINE void unit_bf16(const Product *p, const int64_t *n, const int M, const int NR) {
+    const int64_t K = p->K;
     const uint16_t *wr[UNIT_MAX];
-    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint16_t *)p->w + n[r] * p->K;
+    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint16_t *)p->w + n[r] * K;
     const vint high = vi_set32((int)0xFFFF0000u);
     vfloat acc[MAX_ROWS][UNIT_MAX];
-    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = sums[m * NR + r];
-    for (int64_t k = k0; k < k1; k += 2 * LANES) {
+    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vf_zero();
+    for (int64_t k = 0; k < K; k += 2 * LANES) {
         vfloat even[UNIT_MAX], odd[UNIT_MAX];
         UNROLL for (int r = 0; r < NR; r++) {
             prefetch(wr[r] + k);
@@ -255,45 +248,41 @@ ALWAYS_INLINE void chunk_bf16(const Product *p, const int64_t *n, int64_t k0, in
             even[r] = vf_cast(vi_shift32(v, 16)), odd[r] = vf_cast(vi_and(v, high));
         }
         UNROLL for (int m = 0; m < M; m++) {
-            const float *xm = p->x + m * row_stride(p->K) + k;
+            const float *xm = p->x + m * row_stride(K) + k;
             const vfloat xe = vf_load(xm), xo = vf_load(xm + LANES);
             UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vf_fmadd(odd[r], xo, vf_fmadd(even[r], xe, acc[m][r]));
         }
     }
-    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) sums[m * NR + r] = acc[m][r];
+    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) p->y[m * p->N + n[r]] = vf_sum(acc[m][r]);
 }
 
-ALWAYS_INLINE void finish_bf16(const Product *p, const int64_t *n, const vfloat *sums, const int M, const int NR) {
-    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) p->y[m * p->N + n[r]] = vf_sum(sums[m * NR + r]);
-}
+/* int8: integer sums folded into float every BLOCK weights, far before they could overflow. */
+#define BLOCK 2048
 
-/* int8: integer sums folded into the float sums every GRAIN weights, far before they could overflow. */
-ALWAYS_INLINE void chunk_int8(const Product *p, const int64_t *n, int64_t k0, int64_t k1, vfloat *sums, const int M,
-                              const int NR) {
+ALWAYS_INLINE void unit_int8(const Product *p, const int64_t *n, const int M, const int NR) {
+    const int64_t K = p->K;
     const int8_t *wr[UNIT_MAX];
-    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const int8_t *)p->w + n[r] * p->K;
+    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const int8_t *)p->w + n[r] * K;
     const int16_t *q = p->rows->q;
-    for (int64_t start = k0; start < k1; start += GRAIN) {
-        const int64_t stop = start + GRAIN < k1 ? start + GRAIN : k1;
+    vfloat total[MAX_ROWS][UNIT_MAX];
+    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) total[m][r] = vf_zero();
+    for (int64_t start = 0; start < K; start += BLOCK) {
+        const int64_t stop = start + BLOCK < K ? start + BLOCK : K;
         vint acc[MAX_ROWS][UNIT_MAX];
         UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vi_zero();
         for (int64_t k = start; k < stop; k += 2 * LANES) {
             vint wv[UNIT_MAX];
             UNROLL for (int r = 0; r < NR; r++) prefetch(wr[r] + k), wv[r] = vi_widen_int8(wr[r] + k);
             UNROLL for (int m = 0; m < M; m++) {
-                const vint xv = vi_load(q + m * row_stride(p->K) + k);
+                const vint xv = vi_load(q + m * row_stride(K) + k);
                 UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vi_dot(acc[m][r], wv[r], xv);
             }
         }
-        UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++)
-            sums[m * NR + r] = vf_add(sums[m * NR + r], vf_from_int(acc[m][r]));
+        UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) total[m][r] = vf_add(total[m][r], vf_from_int(acc[m][r]));
     }
-}
-
-ALWAYS_INLINE void finish_int8(const Product *p, const int64_t *n, const vfloat *sums, const int M, const int NR) {
     const float *scale = p->scale;
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++)
-        p->y[m * p->N + n[r]] = scale[n[r]] * p->rows->scale[m] * vf_sum(sums[m * NR + r]);
+        p->y[m * p->N + n[r]] = scale[n[r]] * p->rows->scale[m] * vf_sum(total[m][r]);
 }
 
 /* Plane t of a vector of int4 weights, as int16 lanes (see nibble_order): the low or high nibble of the
@@ -305,39 +294,6 @@ ALWAYS_INLINE void finish_int8(const Product *p, const int64_t *n, const vfloat 
         planes[2] = vi_low_nibbles(vi_shift16(v, 4)); \
         planes[3] = vi_shift16(v, 12);                \
     } while (0)
-
-/* Per vector of groups: four integer dots of planes and activations give each group's sum in its four
- * 32-bit lanes, scaled there by the group's own scale (vf_group_scales) into the float sums. */
-ALWAYS_INLINE void chunk_int4(const Product *p, const int64_t *n, int64_t k0, int64_t k1, vfloat *sums, const int M,
-                              const int NR) {
-    const int64_t K = p->K, groups = K / GROUP, whole = groups / GROUPS_PER_VECTOR * GROUPS_PER_VECTOR;
-    const int64_t last = k1 / GROUP < whole ? k1 / GROUP : whole;
-    const uint8_t *wr[UNIT_MAX];
-    const uint16_t *sr[UNIT_MAX];
-    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint8_t *)p->w + n[r] * K / 2, sr[r] = (const uint16_t *)p->scale + n[r] * groups;
-    const int16_t *q = p->rows->q;
-    vfloat acc[MAX_ROWS][UNIT_MAX];
-    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = sums[m * NR + r];
-    for (int64_t g = k0 / GROUP; g < last; g += GROUPS_PER_VECTOR) {
-        vint planes[UNIT_MAX][4];
-        vfloat scales[UNIT_MAX];
-        UNROLL for (int r = 0; r < NR; r++) {
-            prefetch(wr[r] + g * GROUP / 2);
-            const vint v = vi_load(wr[r] + g * GROUP / 2);
-            INT4_PLANES(v, planes[r]);
-            scales[r] = vf_group_scales(sr[r] + g);
-        }
-        UNROLL for (int m = 0; m < M; m++) {
-            const int16_t *xg = q + m * row_stride(K) + g * GROUP;
-            const vint x0 = vi_load(xg), x1 = vi_load(xg + 2 * LANES), x2 = vi_load(xg + 4 * LANES), x3 = vi_load(xg + 6 * LANES);
-            UNROLL for (int r = 0; r < NR; r++) {
-                const vint d = vi_dot(vi_dot(vi_dot(vi_madd(planes[r][0], x0), planes[r][1], x1), planes[r][2], x2), planes[r][3], x3);
-                acc[m][r] = vf_fmadd(vf_from_int(d), scales[r], acc[m][r]);
-            }
-        }
-    }
-    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) sums[m * NR + r] = acc[m][r];
-}
 
 /* One group of 32 int4 weights against its 32 int16 activations in plain order: the integer dot. */
 static inline int32_t group_dot_int4(const uint8_t *w, const int16_t *x) {
@@ -361,17 +317,42 @@ static inline float minimum_term(const uint16_t *minimum, const float *sums, int
     return total;
 }
 
-/* The groups after the last whole vector, one at a time, and the minimum term. */
-ALWAYS_INLINE void finish_int4(const Product *p, const int64_t *n, const vfloat *sums, const int M, const int NR) {
+/* Per vector of groups: four integer dots of planes and activations give each group's sum in its four
+ * 32-bit lanes, scaled there by the group's own scale (vf_group_scales) into float sums; then the
+ * groups after the last whole vector, one at a time, and the minimum term. */
+ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, const int NR) {
     const int64_t K = p->K, groups = K / GROUP, whole = groups / GROUPS_PER_VECTOR * GROUPS_PER_VECTOR;
-    const uint16_t *scale = p->scale, *minimum = p->minimum;
+    const uint8_t *wr[UNIT_MAX];
+    const uint16_t *sr[UNIT_MAX];
+    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint8_t *)p->w + n[r] * K / 2, sr[r] = (const uint16_t *)p->scale + n[r] * groups;
+    const int16_t *q = p->rows->q;
+    vfloat acc[MAX_ROWS][UNIT_MAX];
+    UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vf_zero();
+    for (int64_t g = 0; g < whole; g += GROUPS_PER_VECTOR) {
+        vint planes[UNIT_MAX][4];
+        vfloat scales[UNIT_MAX];
+        UNROLL for (int r = 0; r < NR; r++) {
+            prefetch(wr[r] + g * GROUP / 2);
+            const vint v = vi_load(wr[r] + g * GROUP / 2);
+            INT4_PLANES(v, planes[r]);
+            scales[r] = vf_group_scales(sr[r] + g);
+        }
+        UNROLL for (int m = 0; m < M; m++) {
+            const int16_t *xg = q + m * row_stride(K) + g * GROUP;
+            const vint x0 = vi_load(xg), x1 = vi_load(xg + 2 * LANES), x2 = vi_load(xg + 4 * LANES), x3 = vi_load(xg + 6 * LANES);
+            UNROLL for (int r = 0; r < NR; r++) {
+                const vint d = vi_dot(vi_dot(vi_dot(vi_madd(planes[r][0], x0), planes[r][1], x1), planes[r][2], x2), planes[r][3], x3);
+                acc[m][r] = vf_fmadd(vf_from_int(d), scales[r], acc[m][r]);
+            }
+        }
+    }
+    const uint16_t *minimum = p->minimum;
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) {
-        const uint8_t *w = (const uint8_t *)p->w + n[r] * K / 2;
-        const int16_t *x = p->rows->q + m * row_stride(K);
+        const int16_t *x = q + m * row_stride(K);
         float tail = 0.0f;
-        for (int64_t g = whole; g < groups; g++) tail += _cvtsh_ss(scale[n[r] * groups + g]) * (float)group_dot_int4(w + g * GROUP / 2, x + g * GROUP);
+        for (int64_t g = whole; g < groups; g++) tail += _cvtsh_ss(sr[r][g]) * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
         const float offset = minimum_term(minimum + n[r] * groups, p->rows->sums + m * groups, groups);
-        p->y[m * p->N + n[r]] = p->rows->scale[m] * (vf_sum(sums[m * NR + r]) + tail) + offset;
+        p->y[m * p->N + n[r]] = p->rows->scale[m] * (vf_sum(acc[m][r]) + tail) + offset;
     }
 }
 
@@ -387,49 +368,29 @@ ALWAYS_INLINE void finish_int4(const Product *p, const int64_t *n, const vfloat 
 #define UNIT_ROWS(M) (LANES == 16 ? 2 : (M) == 1 ? 4 : (M) == 2 ? 2 : 1)
 #endif
 
-static int64_t chunk_length(int64_t M, int64_t K, int64_t activation_bytes) {
-    const int64_t chunk = CHUNK_BYTES / (M * activation_bytes) / GRAIN * GRAIN;
-    return chunk < GRAIN ? GRAIN : chunk > K ? K : chunk;
-}
-
-/* Units FIRST..LAST-1 of one product (unit u: rows u + j * SPACING), each unit's chunks in order, then its outputs. */
-#define UNITS(FORMAT, P, M, NR, FIRST, LAST, SPACING, CHUNK)                                              \
-    do {                                                                                                \
-        Sums sums[TILE];                                                                                \
-        for (int64_t u = 0; u < (LAST) - (FIRST); u++)                                                  \
-            UNROLL for (int i = 0; i < (M) * (NR); i++) sums[u][i] = vf_zero();                         \
-        for (int64_t k0 = 0; k0 < (P)->K; k0 += (CHUNK))                                                \
-            for (int64_t u = (FIRST); u < (LAST); u++) {                                                \
-                const int64_t n[UNIT_MAX] = {u, u + (SPACING), u + 2 * (SPACING), u + 3 * (SPACING)};  \
-                chunk_##FORMAT(P, n, k0, k0 + (CHUNK) < (P)->K ? k0 + (CHUNK) : (P)->K, sums[u - (FIRST)], M, NR); \
-            }                                                                                           \
-        for (int64_t u = (FIRST); u < (LAST); u++) {                                                    \
-            const int64_t n[UNIT_MAX] = {u, u + (SPACING), u + 2 * (SPACING), u + 3 * (SPACING)};      \
-            finish_##FORMAT(P, n, sums[u - (FIRST)], M, NR);                                            \
-        }                                                                                               \
-    } while (0)
-
 /* The units split across threads; the N % NR rows left over go one at a time on the calling thread. */
-#define OVER_OUTPUTS(FORMAT, P, M, BYTES)                                                                 \
-    do {                                                                                                \
-        const int64_t chunk = chunk_length(M, (P)->K, BYTES), spacing = (P)->N / UNIT_ROWS(M);          \
-        _Pragma("omp parallel for schedule(static)")                                                    \
-        for (int64_t first = 0; first < spacing; first += TILE)                                         \
-            UNITS(FORMAT, P, M, UNIT_ROWS(M), first, first + TILE < spacing ? first + TILE : spacing, spacing, chunk); \
-        for (int64_t left = spacing * UNIT_ROWS(M); left < (P)->N; left += TILE)                        \
-            UNITS(FORMAT, P, M, 1, left, left + TILE < (P)->N ? left + TILE : (P)->N, 0, chunk);        \
+#define OVER_OUTPUTS(FORMAT, P, M)                                                            \
+    do {                                                                                    \
+        const int64_t spacing = (P)->N / UNIT_ROWS(M);                                      \
+        _Pragma("omp parallel for schedule(static)")                                        \
+        for (int64_t u = 0; u < spacing; u++) {                                             \
+            const int64_t n[UNIT_MAX] = {u, u + spacing, u + 2 * spacing, u + 3 * spacing}; \
+            unit_##FORMAT(P, n, M, UNIT_ROWS(M));                                           \
+        }                                                                                   \
+        for (int64_t left = spacing * UNIT_ROWS(M); left < (P)->N; left++)                  \
+            unit_##FORMAT(P, &left, M, 1);                                                  \
     } while (0)
 
-#define BY_ROW_COUNT(FORMAT, P, BYTES)                    \
-    switch (M) {                                          \
-        case 1: OVER_OUTPUTS(FORMAT, P, 1, BYTES); break; \
-        case 2: OVER_OUTPUTS(FORMAT, P, 2, BYTES); break; \
-        case 3: OVER_OUTPUTS(FORMAT, P, 3, BYTES); break; \
-        case 4: OVER_OUTPUTS(FORMAT, P, 4, BYTES); break; \
-        case 5: OVER_OUTPUTS(FORMAT, P, 5, BYTES); break; \
-        case 6: OVER_OUTPUTS(FORMAT, P, 6, BYTES); break; \
-        case 7: OVER_OUTPUTS(FORMAT, P, 7, BYTES); break; \
-        case 8: OVER_OUTPUTS(FORMAT, P, 8, BYTES); break; \
+#define BY_ROW_COUNT(FORMAT, P)                    \
+    switch (M) {                                   \
+        case 1: OVER_OUTPUTS(FORMAT, P, 1); break; \
+        case 2: OVER_OUTPUTS(FORMAT, P, 2); break; \
+        case 3: OVER_OUTPUTS(FORMAT, P, 3); break; \
+        case 4: OVER_OUTPUTS(FORMAT, P, 4); break; \
+        case 5: OVER_OUTPUTS(FORMAT, P, 5); break; \
+        case 6: OVER_OUTPUTS(FORMAT, P, 6); break; \
+        case 7: OVER_OUTPUTS(FORMAT, P, 7); break; \
+        case 8: OVER_OUTPUTS(FORMAT, P, 8); break; \
     }
 
 int midfill_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
@@ -437,7 +398,7 @@ int midfill_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, 
     float *split = split_even_odd(x, M, K);
     if (!split) return -1;
     const Product p = {.x = split, .w = w, .y = y, .N = N, .K = K};
-    BY_ROW_COUNT(bf16, &p, sizeof(float))
+    BY_ROW_COUNT(bf16, &p)
     free(split);
     return 0;
 }
@@ -447,7 +408,7 @@ int midfill_linear_int8(const float *x, const int8_t *w, const float *scale, flo
     Rows rows;
     if (quantize_rows(x, M, K, &rows)) return -1;
     const Product p = {.rows = &rows, .w = w, .scale = scale, .y = y, .N = N, .K = K};
-    BY_ROW_COUNT(int8, &p, sizeof(int16_t))
+    BY_ROW_COUNT(int8, &p)
     free_rows(&rows);
     return 0;
 }
@@ -459,7 +420,7 @@ int midfill_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale,
     if (quantize_rows(x, M, K, &rows)) return -1;
     nibble_order(rows.q, M, K);
     const Product p = {.rows = &rows, .w = w, .scale = scale, .minimum = minimum, .y = y, .N = N, .K = K};
-    BY_ROW_COUNT(int4, &p, sizeof(int16_t))
+    BY_ROW_COUNT(int4, &p)
     free_rows(&rows);
     return 0;
 }
@@ -558,14 +519,15 @@ ALWAYS_INLINE void attend_heads(const float *qv, const float *keys, const float 
     }
 }
 
-/* One new query per row against its cached keys, for every head of a multi-query layer.
+/* One new query each against the cached keys of its row, for every head of a multi-query layer.
  *
- * q, out: [B, H, D]; k, v: row b's keys start at b * row_stride, one D-vector per position;
- * bias: [B, H, S] additive (ALiBi and masks, -inf-like where hidden). D is 32, 64 or 128.
+ * q, out: [B, H, D]; k, v: query b's keys start at rows[b] * row_stride, one D-vector per position
+ * (several queries may share a row: a draft being verified); bias: [B, H, S] additive (ALiBi and
+ * masks, -inf-like where hidden: a query sees no later one of its row). D is 32, 64 or 128.
  * All heads share the one K/V head, so K and V stay in cache while the heads take turns.
  */
-int midfill_attention_one(const float *q, const float *k, const float *v, const float *bias, float *out, int64_t B,
-                          int64_t H, int64_t S, int64_t D, int64_t row_stride, float scale) {
+int midfill_attention_one(const float *q, const float *k, const float *v, const int64_t *rows, const float *bias,
+                          float *out, int64_t B, int64_t H, int64_t S, int64_t D, int64_t row_stride, float scale) {
     if (D != 32 && D != 64 && D != 128) return -2;
     const int64_t padded = (S + 7) / 8 * 8, G = H % 4 == 0 ? 4 : 1, groups = B * H / G;
     float *scratch = malloc((size_t)B * H * padded * sizeof(float));
@@ -573,7 +535,7 @@ int midfill_attention_one(const float *q, const float *k, const float *v, const 
 #pragma omp parallel for schedule(static)
     for (int64_t group = 0; group < groups; group++) {
         const int64_t bh = group * G, b = bh / H;
-        const float *keys = k + b * row_stride, *values = v + b * row_stride;
+        const float *keys = k + rows[b] * row_stride, *values = v + rows[b] * row_stride;
 #define ATTEND(GROUP_HEADS, DIM) \
     attend_heads(q + bh * D, keys, values, bias + bh * S, scratch + bh * padded, out + bh * D, S, padded, scale, GROUP_HEADS, DIM)
         if (G == 4) {
@@ -640,11 +602,11 @@ static void swiglu(const float *gate_up, float *out, int64_t M, int64_t F) {
 }
 
 /* x [M, E] += block(x). matrices: q, kv, attention out, gate_up, mlp out. The new token's key and
- * value go to k_cache/v_cache at row m * row_stride + slots[m] * D; bias [M, H, S] as for attention.
+ * value go to k_cache/v_cache at rows[m] * row_stride + slots[m] * D; bias [M, H, S] as for attention.
  * F (the MLP width) is a multiple of 8, E and D multiples of 32. */
 int midfill_decode_block(float *x, int64_t M, int64_t E, int64_t H, int64_t D, int64_t F, const float *ln_1,
                          const float *ln_2, float eps, const Matrix *matrices, float *k_cache, float *v_cache,
-                         int64_t row_stride, const int64_t *slots, const float *bias, int64_t S) {
+                         int64_t row_stride, const int64_t *rows, const int64_t *slots, const float *bias, int64_t S) {
     float *h = malloc(M * E * sizeof(float)), *q = malloc(M * E * sizeof(float)), *kv = malloc(M * 2 * D * sizeof(float));
     float *mixed = malloc(M * E * sizeof(float)), *wide = malloc(M * 2 * F * sizeof(float)), *act = malloc(M * F * sizeof(float));
     int status = -1;
@@ -652,10 +614,10 @@ int midfill_decode_block(float *x, int64_t M, int64_t E, int64_t H, int64_t D, i
     layer_norm(x, ln_1, eps, h, M, E);
     if ((status = matrix_apply(&matrices[0], h, q, M)) || (status = matrix_apply(&matrices[1], h, kv, M))) goto done;
     for (int64_t m = 0; m < M; m++) {
-        memcpy(k_cache + m * row_stride + slots[m] * D, kv + m * 2 * D, D * sizeof(float));
-        memcpy(v_cache + m * row_stride + slots[m] * D, kv + m * 2 * D + D, D * sizeof(float));
+        memcpy(k_cache + rows[m] * row_stride + slots[m] * D, kv + m * 2 * D, D * sizeof(float));
+        memcpy(v_cache + rows[m] * row_stride + slots[m] * D, kv + m * 2 * D + D, D * sizeof(float));
     }
-    if ((status = midfill_attention_one(q, k_cache, v_cache, bias, mixed, M, H, S, D, row_stride, 1.0f / sqrtf((float)D)))) goto done;
+    if ((status = midfill_attention_one(q, k_cache, v_cache, rows, bias, mixed, M, H, S, D, row_stride, 1.0f / sqrtf((float)D)))) goto done;
     if ((status = matrix_apply(&matrices[2], mixed, h, M))) goto done;
     for (int64_t i = 0; i < M * E; i++) x[i] += h[i];
     layer_norm(x, ln_2, eps, h, M, E);

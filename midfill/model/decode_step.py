@@ -50,13 +50,14 @@ def native_blocks(model: GPTRefactForCausalLM) -> list[tuple] | None:
     return blocks
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """q [B, H, D] against k, v [B, >=S, D] with bias [B, H, S] -> [B, H, D]."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [R, H, D] against the keys and values of cache rows `rows` (k, v [B, >=S, D]), bias [R, H, S] -> [R, H, D]."""
     if native.available() and q.shape[-1] in native.ATTENTION_HEAD_DIMS:
-        return native.attention_one(q, k, v, bias)
+        return native.attention_one(q, k, v, rows, bias)
     span = bias.shape[-1]
-    scores = torch.baddbmm(bias, q, k[:, :span].transpose(1, 2), alpha=q.shape[-1] ** -0.5)
-    return torch.bmm(torch.softmax(scores, dim=-1), v[:, :span])
+    k, v = k[:, :span].index_select(0, rows), v[:, :span].index_select(0, rows)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=q.shape[-1] ** -0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
 @torch.inference_mode()
@@ -67,38 +68,75 @@ def decode_one(
 
     attention_mask ([B, cached span + 1]) marks real tokens as in the forward pass; None means all.
     """
-    if not lean_path_applies(model):
-        return model(ids[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
-    config = model.config
-    batch, n_embd, eps = ids.shape[0], config.n_embd, config.layer_norm_epsilon
-    span = cache.span + 1
+    logits = decode_rows(model, ids, torch.arange(ids.shape[0], device=ids.device), cache, attention_mask)
+    cache.advance(1)
+    return logits
+
+
+@torch.inference_mode()
+def decode_rows(
+    model: GPTRefactForCausalLM, ids: torch.Tensor, rows: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits [R, vocab] for R new tokens ids [R], token r appended to cache row rows[r] (non-decreasing).
+
+    A row's tokens are consecutive, in order, after its cached ones: a draft being verified, each
+    token seeing its row's cache and the tokens before it, computed exactly as if decoded one at a
+    time. Their keys and values are written; cache.lengths is left to the caller, which keeps what
+    it accepts. attention_mask ([R, span]) as for decode_one, which has one token per row.
+    """
+    offsets = torch.arange(rows.shape[0], device=rows.device) - torch.searchsorted(rows, rows)
+    positions = cache.lengths[rows] + offsets
+    span = int(positions.max()) + 1 if rows.numel() else 1
     if span > cache.max_len:
         raise ValueError(f"KV cache overflow: {span} positions needed, {cache.max_len} allocated")
+    if not lean_path_applies(model):
+        return forward_rows(model, ids, rows, offsets, cache, attention_mask)
+    config = model.config
+    count, n_embd, eps = ids.shape[0], config.n_embd, config.layer_norm_epsilon
     if attention_mask is None:
-        attention_mask = torch.ones(batch, span, dtype=torch.bool)
-    positions = cache.lengths
-    bias = attention_bias(model.alibi_slopes, positions[:, None], attention_mask).view(batch, config.n_head, span)
-    slots = torch.arange(batch) * cache.max_len + positions  # where each row's new K/V goes, flattened
+        attention_mask = torch.ones(count, span, dtype=torch.bool)
+    bias = attention_bias(model.alibi_slopes, positions[:, None], attention_mask).view(count, config.n_head, span)
+    slots = rows * cache.max_len + positions  # where each token's K/V goes, flattened
 
     x = model.transformer.wte(ids).to(model.dtype)
     blocks = native_blocks(model)
     if blocks is not None:  # the whole block in one native call
-        shape, positions, bias = (config.n_head, config.head_dim, config.mlp_hidden), positions.contiguous(), bias.contiguous()
+        shape, rows, positions, bias = (config.n_head, config.head_dim, config.mlp_hidden), rows.contiguous(), positions.contiguous(), bias.contiguous()
         for layer, (matrices, norms) in enumerate(blocks):
-            native.decode_block(x, shape, norms, eps, matrices, cache.k[layer], cache.v[layer], positions, bias)
-        cache.advance(1)
+            native.decode_block(x, shape, norms, eps, matrices, cache.k[layer], cache.v[layer], rows, positions, bias)
         return model.lm_head.forward(F.layer_norm(x, (n_embd,), model.ln_f.weight, None, eps))
     for layer, block in enumerate(model.transformer.h):
         attn, mlp = block.attn, block.mlp
         h = F.layer_norm(x, (n_embd,), block.ln_1.weight, None, eps)
-        q = attn.q.forward(h).view(batch, config.n_head, config.head_dim)
+        q = attn.q.forward(h).view(count, config.n_head, config.head_dim)
         k_new, v_new = attn.kv.forward(h).split(config.head_dim, dim=-1)
         keys, values = cache.k[layer], cache.v[layer]
         keys.view(-1, config.head_dim).index_copy_(0, slots, k_new)
         values.view(-1, config.head_dim).index_copy_(0, slots, v_new)
-        x = x + attn.c_proj.forward(attend(q, keys, values, bias).view(batch, n_embd))
+        x = x + attn.c_proj.forward(attend(q, keys, values, rows, bias).view(count, n_embd))
         h = F.layer_norm(x, (n_embd,), block.ln_2.weight, None, eps)
         gate, up = mlp.gate_up_proj.forward(h).chunk(2, dim=-1)
         x = x + mlp.c_proj.forward(F.silu(gate) * up)
-    cache.advance(1)
     return model.lm_head.forward(F.layer_norm(x, (n_embd,), model.ln_f.weight, None, eps))
+
+
+def forward_rows(
+    model: GPTRefactForCausalLM, ids: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, cache: KVCache,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """decode_rows through the plain forward pass (GPU, bf16 torch models): each cache row's tokens
+    as one row of a [rows, T] batch, right-padded (causality hides the padding from real tokens)."""
+    used, group = torch.unique_consecutive(rows, return_inverse=True)
+    width = int(offsets.max()) + 1
+    batch = torch.zeros(used.shape[0], width, dtype=ids.dtype, device=ids.device)
+    batch[group, offsets] = ids
+    if attention_mask is not None and width > 1:
+        raise ValueError("decode_rows takes an attention mask only with one token per row")
+    first, last = int(used[0]), int(used[-1]) + 1
+    if not torch.equal(used, torch.arange(first, last, device=used.device)):
+        raise ValueError("decode_rows needs the rows it decodes to be consecutive")
+    view = cache.rows(first, last)
+    lengths = view.lengths.clone()
+    logits = model(batch, attention_mask=attention_mask, cache=view)
+    view.lengths.copy_(lengths)
+    return logits[group, offsets]

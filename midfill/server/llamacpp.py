@@ -53,6 +53,7 @@ class CompletionRequest(LenientModel):
     stream: bool = False
     cache_prompt: bool = True
     id_slot: int = -1  # requests on one slot run one after another, as in llama.cpp
+    speculate: bool = True  # midfill's: prompt-lookup drafts where they pay (same output either way)
     n_indent: int = Field(0, ge=0)
     t_max_predict_ms: int = Field(0, ge=0)
     response_fields: list[str] | None = None
@@ -106,6 +107,7 @@ def generations(body: CompletionRequest, state: ServerState, ids: list[int], rul
             serial_group=None if body.id_slot < 0 or index > 0 else body.id_slot,
             cache_prompt=body.cache_prompt,
             healed_prompt_ids=healed,
+            speculate=body.speculate,
         )
         for index in range(body.n_cmpl)
     ]

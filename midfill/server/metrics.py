@@ -25,6 +25,8 @@ class Metrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("midfill_prompt_tokens", "Prompt tokens received", registry=r)
         self.completion_tokens = Counter("midfill_completion_tokens", "Tokens generated", registry=r)
+        self.drafted = Counter("midfill_draft_tokens", "Prompt-lookup tokens verified (speculative decoding)", registry=r)
+        self.accepted = Counter("midfill_draft_accepted_tokens", "Drafted tokens the model agreed with and kept", registry=r)
         self.cache_hit_tokens = Counter("midfill_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", registry=r)
         self.cancelled = Counter("midfill_cancelled_requests", "Generations stopped early: disconnect or newer request on the slot", registry=r)
         self.queue_depth = Gauge("midfill_queue_depth", "Requests waiting for a batch slot", registry=r)
@@ -36,6 +38,8 @@ class Metrics:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.completion_tokens.inc(result.completion_tokens)
         self.cache_hit_tokens.inc(result.cached_tokens)
+        self.drafted.inc(result.drafted_tokens)
+        self.accepted.inc(result.accepted_tokens)
         if result.finish_reason == "cancelled":
             self.cancelled.inc()
         if result.completion_tokens:
@@ -54,6 +58,8 @@ class Metrics:
             "ttft_ms": sum(r.ttft_ms for r in done) / len(done) if done else None,
             "prefix_cache_hit_rate": sum(r.cached_tokens for r in self.recent) / prompt if prompt else None,
             "completion_tokens_total": self.generated,
+            "drafted_tokens": sum(r.drafted_tokens for r in self.recent),
+            "accepted_tokens": sum(r.accepted_tokens for r in self.recent),
         }
 
     def render(self) -> bytes:

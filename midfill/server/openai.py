@@ -62,6 +62,7 @@ class GenerationFields(LenientModel):
     repeat_penalty: float = Field(1.0, gt=0)
     cache_prompt: bool = True
     id_slot: int = -1  # requests on one slot run one after another
+    speculate: bool = True  # midfill's: prompt-lookup drafts where they pay (same output either way)
 
 
 class CompletionRequest(GenerationFields):
@@ -116,7 +117,8 @@ def generation(state: ServerState, body: GenerationFields, ids: list[int], choic
                rules: StopRules, stop_ids: frozenset[int], healed: list[int] | None = None) -> GenerationRequest:
     n_new = answer_length(requested_tokens(body), len(ids), state.ctx, state.settings.max_new_tokens)
     return GenerationRequest(ids, n_new, sampling(body, choice), rules, stop_ids, cache_prompt=body.cache_prompt,
-                             serial_group=None if body.id_slot < 0 else body.id_slot, healed_prompt_ids=healed)
+                             serial_group=None if body.id_slot < 0 else body.id_slot, healed_prompt_ids=healed,
+                             speculate=body.speculate)
 
 
 def sampling(body: GenerationFields, choice: int) -> SamplingParams:

@@ -115,6 +115,7 @@ class CodeCompletionRequest(WireModel):
     scratchpad: str = ""
     stream: bool = False
     no_cache: bool = False
+    speculate: bool = True  # midfill's: prompt-lookup drafts where they pay (same output either way)
     use_ast: bool = False
     use_vecdb: bool = False
     rag_tokens_n: int = 0
@@ -151,6 +152,7 @@ async def code_completion(body: CodeCompletionRequest, http: Request, state: Ser
         frozenset({state.tok.eot_id}),
         cache_prompt=not body.no_cache,
         healed_prompt_ids=healed,
+        speculate=body.speculate,
     )
     call = EngineCall(state.engine, state.metrics, "/v1/code-completion", [request])
     base = {"snippet_telemetry_id": next(telemetry_ids), "model": state.settings.model_name, "created": time.time()}

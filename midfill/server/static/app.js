@@ -269,6 +269,7 @@ async function refreshStatus() {
       ["prefix-cache hit rate", s.prefix_cache_hit_rate === null ? "–" : `${(100 * s.prefix_cache_hit_rate).toFixed(0)}%`, "hit_rate"],
       ["queue depth", s.queue_depth, "queue_depth"], ["running", s.active, "active"],
       ["generations (recent)", s.generations, "generations"], ["tokens generated", s.completion_tokens_total, "tokens_total"],
+      ["drafted / accepted (recent)", `${s.drafted_tokens} / ${s.accepted_tokens}`, "drafts"],
     ]);
     const run = s.finetune;
     $("finetune").hidden = !run;
