@@ -361,11 +361,12 @@ ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, co
 
 /* A unit is NR weight rows N/NR apart (n, n + N/NR, ...): each thread then reads NR streams at once,
  * which keeps more loads in flight than one stream does (two rows: ~0.99 of the read bandwidth
- * against ~0.86 for one, measured on Zen 3; more gave no more), and each activation load serves NR
- * weight rows. The counts give each thread enough independent sums to hide the multiply-add latency
- * with one activation row while leaving the registers for more rows: AVX2 has 16, AVX-512 32. */
+ * against ~0.86 for one, measured on Zen 3), and each activation load serves NR weight rows. The
+ * counts, measured here (Xeon, weights streaming from memory), give a thread enough independent sums
+ * to hide the multiply-add latency with one activation row and leave registers for more: AVX2 has 16
+ * (four weight rows for one activation row, two for up to four), AVX-512 32 (two for up to eight). */
 #ifndef UNIT_ROWS
-#define UNIT_ROWS(M) (LANES == 16 ? 2 : (M) == 1 ? 4 : (M) == 2 ? 2 : 1)
+#define UNIT_ROWS(M) (LANES == 16 ? 2 : (M) == 1 ? 4 : (M) <= 4 ? 2 : 1)
 #endif
 
 /* The units split across threads; the N % NR rows left over go one at a time on the calling thread. */
