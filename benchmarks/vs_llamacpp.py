@@ -20,9 +20,10 @@ tokens. llama.cpp runs with its defaults (flash attention "auto", the log says w
 once per format also with --repack 0 (weights used in place from the mmap: the memory figure, or
 on an AMX CPU the stock build's only safe setting). midfill loads through load_model's default
 path: the bf16 checkpoint itself, and for int8/int4 a copy packed once by `midfill quantize` (as
-the GGUFs are quantized once). The read bandwidth (benchmarks/decode.py's probe) is taken before
-every run, and each decode given as a fraction of its bound: bandwidth / bytes of weights a token
-reads.
+the GGUFs are quantized once). The read bandwidth (benchmarks/decode.py's probe) and the load
+average are taken before every run: each decode is given as a fraction of its bound (bandwidth /
+bytes of weights a token reads), and other work on the cores, which slows either engine many
+times over, shows in the report.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ from midfill.model.quantize import weight_bytes_per_token
 VERSION = "0.3.36"  # llama-cpp-python; its CHANGELOG names the llama.cpp commit it vendors
 GGUF_TYPES = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # midfill format -> the llama.cpp format it is set against
 BINARIES = ("llama-bench", "llama-quantize")
+# Only the two tools are built, so nothing needs curl, OpenSSL or the tests.
+CMAKE_FLAGS = (
+    "-DGGML_NATIVE=ON",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 NO_REPACK = "--repack 0"  # the llama.cpp configuration run once per format, for its memory figure
 BARRIER = 'asm volatile("" ::: "memory");  // added by midfill benchmarks/vs_llamacpp.py: llama.cpp #20824, PR #26954'
@@ -114,6 +123,12 @@ class Finished:
     returncode: int  # negative: killed by that signal
     peak_rss_gb: float
     log: Path
+
+
+def failure(done: Finished) -> dict:
+    """A failed measurement as the report keeps it (a crash is a result, not the end of the run)."""
+    how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+    return {"error": how, "log": str(done.log)}
 
 
 def run(command: list[object], label: str, log: Path, stdout: Path | None = None, check: bool = True) -> Finished:
@@ -200,14 +215,7 @@ def build(tree: Path, build_dir: Path, label: str) -> Path:
     bins = build_dir / "bin"
     if all((bins / name).is_file() for name in BINARIES):
         return bins
-    flags = [
-        "-DGGML_NATIVE=ON",
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DLLAMA_CURL=OFF",
-        "-DLLAMA_OPENSSL=OFF",
-        "-DLLAMA_BUILD_TESTS=OFF",
-    ]
-    run(["cmake", "-S", tree, "-B", build_dir, *flags], f"configuring llama.cpp ({label})", build_dir.with_suffix(".log"))
+    run(["cmake", "-S", tree, "-B", build_dir, *CMAKE_FLAGS], f"configuring llama.cpp ({label})", build_dir.with_suffix(".log"))
     command = ["cmake", "--build", build_dir, "-j", "2", "--target", *BINARIES]
     run(command, f"building llama.cpp ({label}, 2 jobs)", build_dir.with_suffix(".build.log"))
     return bins
@@ -257,6 +265,7 @@ def make_checkpoint(folder: Path, n_layer: int | None) -> Path:
         tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
         save_model(model, folder)  # config.json last: its presence marks a whole checkpoint
+    CONSOLE.log(f"made a random {config.n_layer}-layer bf16 checkpoint: {folder}")
     return folder
 
 
@@ -322,10 +331,7 @@ def llama_bench(variant: Variant, gguf: Path, args: argparse.Namespace, logs: Pa
         label = f"round {round_ + 1}: llama-bench {gguf.stem} ({variant.name}) {' '.join(map(str, test))}"
         done = run([*common, *test], label, stem.with_suffix(".log"), stdout=stem.with_suffix(".json"), check=False)
         if done.returncode:
-            return {
-                "error": f"exit {done.returncode}" + (" (killed by a signal)" if done.returncode < 0 else ""),
-                "log": str(done.log),
-            }
+            return failure(done)
         log = done.log.read_text(errors="replace")
         flash = re.search(r"Flash Attention (enabled|not supported)", log)
         result["flash_attention"] = "auto -> " + (flash.group(1) if flash else "not reported")
@@ -337,6 +343,11 @@ def llama_bench(variant: Variant, gguf: Path, args: argparse.Namespace, logs: Pa
             key = "prefill_tok_s" if row["n_prompt"] else ("decode_deep_tok_s" if row["n_depth"] else "decode_d0_tok_s")
             result[key] = row["avg_ts"]
     return result
+
+
+def conditions(bandwidth: Bandwidth) -> dict:
+    """The machine just before a run: its read bandwidth, and its load (other work on the cores slows either engine)."""
+    return {"bandwidth_gb_s": bandwidth.measure() / 1e9, "load_1min": os.getloadavg()[0]}
 
 
 def timed_request(engine: Engine, prompt: list[int], new: int) -> tuple[float, float]:
@@ -378,16 +389,12 @@ def midfill_one(folder: Path, prompt_tokens: int, new: int, threads: int) -> dic
 
 def midfill_run(fmt: str, folder: Path, args: argparse.Namespace, logs: Path, round_: int) -> dict:
     stem = logs / f"midfill-{fmt}-r{round_ + 1}"
-    command = [sys.executable, __file__, "--one", folder, "--prompt", args.prompt, "--new", args.new]
+    command = [sys.executable, __file__, "--one", folder, "--prompt", args.prompt, "--new", args.new, "--threads", args.threads]
     done = run(
-        [*command, "--threads", args.threads],
-        f"round {round_ + 1}: midfill {fmt}",
-        stem.with_suffix(".log"),
-        stdout=stem.with_suffix(".json"),
-        check=False,
+        command, f"round {round_ + 1}: midfill {fmt}", stem.with_suffix(".log"), stdout=stem.with_suffix(".json"), check=False
     )
     if done.returncode:
-        return {"error": f"exit {done.returncode}", "log": str(done.log)}
+        return failure(done)
     return {**json.loads(stem.with_suffix(".json").read_text().splitlines()[-1]), "peak_rss_gb": done.peak_rss_gb}
 
 
@@ -399,20 +406,19 @@ def mean(runs: list[dict], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def with_fractions(runs: list[dict], weight_bytes: int | None) -> list[dict]:
+def add_fractions(runs: list[dict], weight_bytes: float | None) -> None:
     """Each run's decode at depth 0 over the bound of the bandwidth read just before it."""
     for r in runs:
         if weight_bytes and r.get("decode_d0_tok_s"):
             r["fraction_of_bound"] = r["decode_d0_tok_s"] / (r["bandwidth_gb_s"] * 1e9 / weight_bytes)
-    return runs
 
 
 def summarize(fmt: str, midfill: list[dict], llama: dict[str, list[dict]], stats: dict, main: str) -> dict:
     """One format's means over the rounds, both engines, and midfill's over llama.cpp's."""
     weight_bytes = mean(midfill, "weight_bytes_per_token")
-    with_fractions(midfill, weight_bytes)
+    add_fractions(midfill, weight_bytes)
     for runs in llama.values():
-        with_fractions(runs, stats["weight_bytes_per_token"])
+        add_fractions(runs, stats["weight_bytes_per_token"])
     row = {
         "format": fmt,
         "gguf": GGUF_TYPES[fmt],
@@ -438,11 +444,13 @@ def cell(value: float | None, form: str) -> str:
     return "-" if value is None else format(value, form)
 
 
-def table(rows: list[dict], args: argparse.Namespace, main: str, bandwidth: list[float]) -> Table:
+def table(rows: list[dict], args: argparse.Namespace, main: str, readings: list[dict]) -> Table:
+    bandwidth, load = [r["bandwidth_gb_s"] for r in readings], [r["load_1min"] for r in readings]
     grid = Table(
         title=f"midfill vs llama.cpp ({main}): Refact-1.6B shape, {args.threads} threads, means of {args.rounds} rounds",
         caption=f"read bandwidth {statistics.median(bandwidth):.1f} GB/s, median of {len(bandwidth)} readings "
-        f"({min(bandwidth):.1f}-{max(bandwidth):.1f}); read bound = bandwidth / weight bytes per token",
+        f"({min(bandwidth):.1f}-{max(bandwidth):.1f}); read bound = bandwidth / weight bytes per token; "
+        f"load average before the runs {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores",
     )
     for column in ("format", "measure", "midfill", "llama.cpp", "midfill / llama.cpp", f"llama.cpp {NO_REPACK}"):
         grid.add_column(column, justify="left" if column in ("format", "measure") else "right")
@@ -524,18 +532,16 @@ def main() -> None:
 
     bandwidth = Bandwidth()
     bandwidth.measure(passes=2)  # warm both readers
-    readings: list[float] = []
+    readings: list[dict] = []
     midfill: dict[str, list[dict]] = {fmt: [] for fmt in formats}
     llama: dict[str, dict[str, list[dict]]] = {fmt: {v.name: [] for v in variants} for fmt in formats}
     for round_ in range(args.rounds):
         for fmt in formats:  # llama.cpp and midfill take turns, so drift in the machine's speed hits both
             for variant in [v for v in variants if v.every_round or round_ == 0]:
-                readings.append(bandwidth.measure() / 1e9)
-                llama[fmt][variant.name].append(
-                    {**llama_bench(variant, ggufs[fmt], args, logs, round_), "bandwidth_gb_s": readings[-1]}
-                )
-            readings.append(bandwidth.measure() / 1e9)
-            midfill[fmt].append({**midfill_run(fmt, checkpoints[fmt], args, logs, round_), "bandwidth_gb_s": readings[-1]})
+                readings.append(conditions(bandwidth))
+                llama[fmt][variant.name].append({**llama_bench(variant, ggufs[fmt], args, logs, round_), **readings[-1]})
+            readings.append(conditions(bandwidth))
+            midfill[fmt].append({**midfill_run(fmt, checkpoints[fmt], args, logs, round_), **readings[-1]})
 
     rows = [summarize(fmt, midfill[fmt], llama[fmt], stats[fmt], main_variant.name) for fmt in formats]
     CONSOLE.print(table(rows, args, main_variant.name, readings))
@@ -557,7 +563,7 @@ def main() -> None:
         },
         "settings": {k: v for k, v in vars(args).items() if k != "one"},
         "checkpoint": str(folder),
-        "bandwidth_gb_s": readings,
+        "conditions": readings,
         "rows": rows,
         "runs": {"midfill": midfill, "llamacpp": llama},
     }
