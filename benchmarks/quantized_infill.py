@@ -15,8 +15,8 @@ import random
 from midfill.data.fim_synth import example_single
 from midfill.data.installed import stdlib_documents
 from midfill.engine import StopRules
-from midfill.infill import complete, sample_examples
 from midfill.hub import EMBEDDED_MODEL
+from midfill.infill import complete, sample_examples
 from midfill.model.checkpoint import load_model
 from midfill.tokenizer import load_tokenizer
 

@@ -14,7 +14,7 @@ from midfill.errors import MidfillError
 from midfill.kernels import native
 from midfill.model import KVCache
 from midfill.model.decode_step import decode_one, native_blocks
-from midfill.model.quantize import FORMATS, PackedLinear, quantize_model
+from midfill.model.quantize import FORMATS, GROUP, PackedLinear, int4_levels, int8_levels, quantize_model, round_int4
 
 from .helpers import tiny_model
 
@@ -173,3 +173,37 @@ def test_prompt_product_on_bf16_weights(variant, shape):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, n_in), torch.randn(n_out, n_in).bfloat16()
     torch.testing.assert_close(native.gemm_bf16(x, weight), x @ weight.float().T, rtol=1e-5, atol=1e-5)
+
+
+def awkward_weight() -> torch.Tensor:
+    """Rows of different scales, an all-zero row, a constant group and an outlier: the cases a range search trips on."""
+    torch.manual_seed(7)
+    weight = torch.randn(96, 320) * torch.rand(96, 1)
+    weight[3] = 0.0
+    weight[5, :32] = 0.25
+    weight[9, 40] = 6.0
+    return weight
+
+
+def test_int8_packing_equals_the_torch_reference(variant):
+    """pack.c searches each row's scale as int8_levels does; only summation order differs."""
+    weight = awkward_weight()
+    q, scale = native.pack_int8(weight)
+    reference_q, reference_scale = int8_levels(weight)
+    torch.testing.assert_close(scale, reference_scale, rtol=1e-5, atol=0)
+    assert (q == reference_q).float().mean() > 0.9999
+    assert ((q.int() - reference_q.int()).abs() <= 1).all()
+
+
+def test_int4_packing_equals_the_torch_reference(variant):
+    """pack.c runs int4_levels' search group by group: the same levels and ranges, save where summation order
+    tips a tie between two starts, and never a worse fit overall."""
+    groups = awkward_weight().reshape(-1, GROUP).contiguous()
+    packed_bytes, scale, minimum = native.pack_int4(groups)
+    reference_bytes, reference_scale, reference_minimum = int4_levels(groups)
+    same = (scale == reference_scale) & (minimum == reference_minimum)
+    assert same.float().mean() > 0.995
+    assert torch.equal(packed_bytes[same], reference_bytes[same])
+    error = round_int4(groups, scale.float(), minimum.float())[1].sum()
+    reference_error = round_int4(groups, reference_scale.float(), reference_minimum.float())[1].sum()
+    assert error <= reference_error * (1 + 1e-4)

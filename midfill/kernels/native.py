@@ -1,4 +1,4 @@
-"""Builds decode.c and prefill.c on first use, once per instruction set, and calls the best build the CPU runs.
+"""Builds decode.c, prefill.c and pack.c on first use, once per instruction set, and calls the best build the CPU runs.
 
 A plain C file with no torch headers compiles in a few seconds, so the package builds it itself,
 once per machine and variant, into a cache folder, and binds it with ctypes. VARIANTS lists the
@@ -26,7 +26,7 @@ import torch
 
 from midfill.errors import MidfillError
 
-SOURCES = (Path(__file__).with_name("decode.c"), Path(__file__).with_name("prefill.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode.c", "prefill.c", "pack.c"))  # one library
 # -fno-tree-pre: with partial redundancy elimination GCC copies every integer accumulator of the int8
 # and int4 loops once per turn, a third more instructions there (GCC 12)
 COMMON_FLAGS = ("-O2", "-fno-tree-pre", "-fopenmp", "-fPIC", "-shared")
@@ -127,6 +127,9 @@ def load(variant: Variant) -> ctypes.CDLL:
     lib.midfill_gemm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64]
     lib.midfill_read_bandwidth.restype = f32
+    lib.midfill_pack_int8.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.midfill_pack_int4.argtypes = [ptr, i64, ptr, ptr, ptr]
+    lib.midfill_pack_int8.restype = lib.midfill_pack_int4.restype = None
     for kernel in ("linear_bf16", "linear_int8", "linear_int4", "attention_one", "decode_block", "gemm_bf16"):
         getattr(lib, f"midfill_{kernel}").restype = ctypes.c_int
     return lib
@@ -206,6 +209,21 @@ def gemm_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], weight.shape[0])
     _checked(library().midfill_gemm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0], x.shape[1]))
     return y
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 weight [N, K] (contiguous, K a multiple of 8) -> int8 levels [N, K] and float32 scales [N] (pack.c)."""
+    q, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
+    library().midfill_pack_int8(weight.data_ptr(), weight.shape[0], weight.shape[1], q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+def pack_int4(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 groups [G, 32] (contiguous) -> packed uint8 [G, 16], float16 scale and minimum [G] (pack.c)."""
+    n = groups.shape[0]
+    packed, scale, minimum = torch.empty(n, 16, dtype=torch.uint8), torch.empty(n, dtype=torch.float16), torch.empty(n, dtype=torch.float16)
+    library().midfill_pack_int4(groups.data_ptr(), n, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr())
+    return packed, scale, minimum
 
 
 def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

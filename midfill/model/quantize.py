@@ -2,8 +2,9 @@
 
 Decoding one token reads every weight once, so fewer bytes per weight is more tokens per second.
 Activations, norms, attention and the KV cache stay float32: on a CPU that is the fast path, and
-only the weights are approximated. The pure-torch `unpack` is the reference that the native
-kernels (midfill/kernels) are tested against, and the path used where they cannot run.
+only the weights are approximated. The pure-torch `unpack`, `int8_levels` and `int4_levels` are the
+references that the native kernels (midfill/kernels: decode.c multiplies, pack.c packs) are tested
+against, and the path used where they cannot run.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ WIDER_LAYERS = {
 # never increases the squared error, but it stops at the optimum nearest where it started. Starting
 # also from ranges moved in or out by a few percent of the span at either end finds 10% less int4
 # error than from min/max alone; on the embedded model int4's agreement goes from 93.1% to 93.8%.
-RANGE_STARTS = (-0.04, 0.0, 0.05)  # fraction of the span each end moves in by (negative: out)
-REFIT_ROUNDS = 3
+RANGE_STARTS = (-0.04, 0.0, 0.05)  # fraction of the span each end moves in by (negative: out); pack.c has the same
+REFIT_ROUNDS = 3  # pack.c has the same
 CHUNK = 1 << 17  # weights fitted at once: intermediates that stay in cache make packing several times faster
 
 
@@ -60,11 +61,16 @@ def int8_scale(rows: torch.Tensor) -> torch.Tensor:
     return best_scale
 
 
+def int8_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure-torch reference of pack.c's int8 packing: levels [N, K] int8 and scales [N] float32."""
+    scale = torch.cat([int8_scale(rows) for rows in weight.split(max(1, CHUNK // weight.shape[1]))])
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def pack_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Symmetric, one float32 scale per output row: W ~= q * scale, q in -127..127."""
-    weight = weight.float()
-    scale = torch.cat([int8_scale(rows) for rows in weight.split(max(1, CHUNK // weight.shape[1]))])
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    weight = weight.float().contiguous()
+    q, scale = native.pack_int8(weight) if native.available() and weight.shape[1] % 8 == 0 else int8_levels(weight)
     return {"weight": q, "scale": scale}
 
 
@@ -95,18 +101,24 @@ def int4_range(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best[0], best[1]
 
 
+def int4_levels(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pure-torch reference of pack.c's int4 packing: groups [G, 32] -> packed bytes [G, 16],
+    float16 scale and minimum [G]."""
+    ranges = [int4_range(chunk) for chunk in groups.split(CHUNK // GROUP)]
+    scale, minimum = (torch.cat(parts).half() for parts in zip(*ranges))
+    q = round_int4(groups, scale, minimum)[0].to(torch.uint8)
+    return q[:, : GROUP // 2] | (q[:, GROUP // 2 :] << 4), scale, minimum
+
+
 def pack_int4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Asymmetric groups of 32 along K: W ~= q * scale + minimum, q in 0..15, scale and minimum float16.
 
     Byte i of a group holds weight i in its low nibble and weight i + 16 in its high nibble.
     """
     n_out, n_in = weight.shape
-    groups = weight.float().view(n_out, n_in // GROUP, GROUP)
-    ranges = [int4_range(chunk) for chunk in groups.view(-1, GROUP).split(CHUNK // GROUP)]
-    scale, minimum = (torch.cat(parts).half().view(n_out, n_in // GROUP) for parts in zip(*ranges))
-    q = round_int4(groups, scale, minimum)[0].to(torch.uint8)
-    packed = q[..., : GROUP // 2] | (q[..., GROUP // 2 :] << 4)
-    return {"weight": packed.reshape(n_out, n_in // 2).contiguous(), "scale": scale, "minimum": minimum}
+    groups = weight.float().reshape(-1, GROUP).contiguous()
+    packed, scale, minimum = native.pack_int4(groups) if native.available() else int4_levels(groups)
+    return {"weight": packed.reshape(n_out, n_in // 2), "scale": scale.view(n_out, -1), "minimum": minimum.view(n_out, -1)}
 
 
 def packed_shapes(fmt: str, n_out: int, n_in: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

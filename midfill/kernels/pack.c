@@ -1,0 +1,163 @@
+/* Packing float32 weights into int8 and int4: the same least-squares range search as the pure-torch
+ * reference in midfill/model/quantize.py (int8_scale, int4_range), one row or group at a time.
+ *
+ * torch runs the search as a few dozen passes over whole tensors, each writing an intermediate as
+ * large as the weight; for the 1.6B model that took 7 minutes (int8) and an hour (int4). Here a row
+ * (int8) or a group of 32 (int4) stays in registers for its whole search, so the cost is arithmetic
+ * only. Each step mirrors the reference's order of operations (subtract, divide, round half to even,
+ * clamp; float16 rounding of the int4 scale and minimum), so the levels are the reference's; only
+ * summation order differs, which moves the squared errors by a few ulps and can, rarely, pick another
+ * of two starts that fit equally well. tests/test_quantize.py holds the two to that.
+ *
+ * Built into the same library as decode.c; AVX2 + FMA + F16C are enough (every variant has them).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+/* Equal to RANGE_STARTS and REFIT_ROUNDS in quantize.py: tests/test_native.py compares the results. */
+static const float RANGE_STARTS[3] = {-0.04f, 0.0f, 0.05f};
+#define N_STARTS 3
+#define REFIT_ROUNDS 3
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float to_half_and_back(float x) { return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+#define ROUND_EVEN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+/* Levels 0..15 of one group of 32 for a float16-rounded scale and minimum, and their squared error. */
+static inline float round_group(const __m256 g[4], float scale, float minimum, __m256 q[4]) {
+    float s = to_half_and_back(scale), m = to_half_and_back(minimum);
+    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m), step = _mm256_set1_ps(s == 0.0f ? 1.0f : s);
+    __m256 error = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        __m256 level = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(g[i], vm), step), ROUND_EVEN);
+        q[i] = _mm256_min_ps(_mm256_max_ps(level, _mm256_setzero_ps()), _mm256_set1_ps(15.0f));
+        __m256 d = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(q[i], vs), vm), g[i]);
+        error = _mm256_fmadd_ps(d, d, error);
+    }
+    return sum8(error);
+}
+
+/* int4_range of quantize.py for one group: the scale and minimum of least squared error reached by
+ * REFIT_ROUNDS least-squares refits from each pair of RANGE_STARTS. */
+static void int4_group_range(const float *w, float *best_scale, float *best_minimum) {
+    __m256 g[4], q[4];
+    __m256 lo = _mm256_loadu_ps(w), hi = lo, total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        g[i] = _mm256_loadu_ps(w + 8 * i);
+        lo = _mm256_min_ps(lo, g[i]);
+        hi = _mm256_max_ps(hi, g[i]);
+        total = _mm256_add_ps(total, g[i]);
+    }
+    float low = w[0], high = w[0];
+    float lows[8], highs[8];
+    _mm256_storeu_ps(lows, lo);
+    _mm256_storeu_ps(highs, hi);
+    for (int i = 0; i < 8; i++) {
+        low = lows[i] < low ? lows[i] : low;
+        high = highs[i] > high ? highs[i] : high;
+    }
+    float mean = sum8(total) / 32.0f, span = high - low;
+    float best_error = __builtin_inff();
+    *best_scale = span, *best_minimum = low;
+    for (int a = 0; a < N_STARTS; a++) {
+        for (int b = 0; b < N_STARTS; b++) {
+            float scale = span * (1.0f - RANGE_STARTS[a] - RANGE_STARTS[b]) / 15.0f;
+            float minimum = low + RANGE_STARTS[a] * span;
+            for (int round = 0; round <= REFIT_ROUNDS; round++) {
+                float error = round_group(g, scale, minimum, q);
+                if (error < best_error)
+                    best_error = error, *best_scale = scale, *best_minimum = minimum;
+                __m256 q_total = _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3]));
+                float q_mean = sum8(q_total) / 32.0f;
+                __m256 vq_mean = _mm256_set1_ps(q_mean), vmean = _mm256_set1_ps(mean);
+                __m256 var = _mm256_setzero_ps(), cov = _mm256_setzero_ps();
+                for (int i = 0; i < 4; i++) {
+                    __m256 dq = _mm256_sub_ps(q[i], vq_mean);
+                    var = _mm256_fmadd_ps(dq, dq, var);
+                    cov = _mm256_fmadd_ps(dq, _mm256_sub_ps(g[i], vmean), cov);
+                }
+                float variance = sum8(var), covariance = sum8(cov);
+                if (variance > 0.0f)
+                    scale = covariance / (variance > 1e-12f ? variance : 1e-12f);
+                scale = scale > 0.0f ? scale : 0.0f;
+                minimum = mean - scale * q_mean;
+            }
+        }
+    }
+}
+
+/* pack_int4 of quantize.py: w [n_groups, 32] float32 -> packed [n_groups, 16] (weight i in the low
+ * nibble of byte i, weight i + 16 in the high one), scale and minimum [n_groups] float16 bits. */
+void midfill_pack_int4(const float *w, int64_t n_groups, uint8_t *packed, uint16_t *scale, uint16_t *minimum) {
+#pragma omp parallel for schedule(dynamic, 1024)
+    for (int64_t n = 0; n < n_groups; n++) {
+        const float *group = w + 32 * n;
+        float s, m;
+        int4_group_range(group, &s, &m);
+        scale[n] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+        minimum[n] = _cvtss_sh(m, _MM_FROUND_TO_NEAREST_INT);
+        __m256 g[4], q[4];
+        for (int i = 0; i < 4; i++)
+            g[i] = _mm256_loadu_ps(group + 8 * i);
+        round_group(g, s, m, q);
+        float levels[32];
+        for (int i = 0; i < 4; i++)
+            _mm256_storeu_ps(levels + 8 * i, q[i]);
+        for (int i = 0; i < 16; i++)
+            packed[16 * n + i] = (uint8_t)((int)levels[i] | ((int)levels[i + 16] << 4));
+    }
+}
+
+/* Levels -127..127 of a row for one scale (w / scale, rounded half to even) and their squared error;
+ * with sums, also sum(q * w) and sum(q * q) for the refit. */
+static float round_row(const float *w, int64_t k, float scale, int8_t *out, float *qw, float *qq) {
+    __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256 error = _mm256_setzero_ps(), sum_qw = _mm256_setzero_ps(), sum_qq = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) {
+        __m256 x = _mm256_loadu_ps(w + i);
+        __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(x, vs), ROUND_EVEN), lo), hi);
+        __m256 d = _mm256_sub_ps(_mm256_mul_ps(q, vs), x);
+        error = _mm256_fmadd_ps(d, d, error);
+        sum_qw = _mm256_fmadd_ps(q, x, sum_qw);
+        sum_qq = _mm256_fmadd_ps(q, q, sum_qq);
+        if (out) {
+            __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_cvtps_epi32(q)), _mm256_extracti128_si256(_mm256_cvtps_epi32(q), 1));
+            _mm_storel_epi64((__m128i *)(out + i), _mm_packs_epi16(words, words));
+        }
+    }
+    *qw = sum8(sum_qw), *qq = sum8(sum_qq);
+    return sum8(error);
+}
+
+/* pack_int8 of quantize.py: w [n_out, k] float32 (k a multiple of 8) -> q [n_out, k] int8 and one
+ * float32 scale per row: max |w| / 127, then REFIT_ROUNDS least-squares refits, the best kept. */
+void midfill_pack_int8(const float *w, int64_t n_out, int64_t k, int8_t *q, float *scale) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t n = 0; n < n_out; n++) {
+        const float *row = w + n * k;
+        __m256 amax = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+        for (int64_t i = 0; i < k; i += 8)
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)));
+        float lanes[8], top = 0.0f;
+        _mm256_storeu_ps(lanes, amax);
+        for (int i = 0; i < 8; i++)
+            top = lanes[i] > top ? lanes[i] : top;
+        float s = (top > 1e-12f ? top : 1e-12f) / 127.0f, best = s, best_error = __builtin_inff(), qw, qq;
+        for (int round = 0; round <= REFIT_ROUNDS; round++) {
+            float error = round_row(row, k, s, 0, &qw, &qq);
+            if (error < best_error)
+                best_error = error, best = s;
+            s = qw / (qq > 1.0f ? qq : 1.0f);
+            s = s > 1e-12f ? s : 1e-12f;
+        }
+        scale[n] = best;
+        round_row(row, k, best, q + n * k, &qw, &qq);
+    }
+}
