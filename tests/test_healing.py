@@ -102,11 +102,14 @@ def run(engine, requests):
 def test_a_healed_sequence_spells_the_backed_off_text_first_and_answers_without_it(small_tokenizer, monkeypatch):
     import midfill.engine.sequence as sequence
 
-    spelled: dict[int, bytes] = {}
+    recorded: list[RequiredPrefix] = []  # held, so no two requests' recorders share an id() or a slot
 
     class Recording(RequiredPrefix):  # what each request's first tokens spelled
         def advance(self, token):
-            spelled[id(self)] = spelled.get(id(self), b"") + self.tok.token_bytes(token)
+            if not hasattr(self, "spelled"):
+                self.spelled = b""
+                recorded.append(self)
+            self.spelled += self.tok.token_bytes(token)
             super().advance(token)
 
     monkeypatch.setattr(sequence, "RequiredPrefix", Recording)
@@ -121,7 +124,7 @@ def test_a_healed_sequence_spells_the_backed_off_text_first_and_answers_without_
         results = run(engine, requests)
     finally:
         engine.stop()
-    assert len(spelled) == 6 and all(s.startswith(backed_off.encode()) for s in spelled.values())
+    assert len(recorded) == 6 and all(r.spelled.startswith(backed_off.encode()) for r in recorded)
     for r in results.values():  # the healed prompt ran, and every sampled token is in the result
         assert r.finish_reason != "error" and r.prompt_tokens == len(healed_ids)
         assert len(r.token_ids) == r.completion_tokens - (r.finish_reason == "eos")
