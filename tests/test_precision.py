@@ -67,7 +67,8 @@ def test_a_bf16_checkpoint_loads_packed_and_equals_its_float32_math(tmp_path):
     cache = KVCache.allocate(model.config, batch=1, max_len=IDS.shape[1], dtype=torch.float32, device="cpu")
     model(IDS[:, :-1], cache=cache)
     step = decode_one(model, IDS[:, -1], cache)  # one token: the native kernels, float32 activations
-    torch.testing.assert_close(step, expected[:, -1], rtol=1e-4, atol=1e-4)
+    close = 2e-2 if has_bf16_matrix_units() else 1e-4  # ... over a cache the prompt path filled (bf16 activations there)
+    torch.testing.assert_close(step, expected[:, -1], rtol=close, atol=close)
 
 
 def test_float32_stays_for_exactness(tmp_path):

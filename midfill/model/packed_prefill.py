@@ -2,9 +2,10 @@
 
 Decoding reads each weight once per token and is bound by memory; a prompt multiplies hundreds of
 rows by each weight and is bound by arithmetic, so it goes to the fastest matrix units at hand:
-- bf16: where the CPU has bf16 matrix units (AMX), torch's bf16 GEMM on the weights as they are
-  (activations rounded to bf16, products summed in float32). Without them float32 arithmetic is the
-  fastest (AVX512-BF16's dot product runs at half float32 FMA's rate here): with AVX-512, prefill.c
+- bf16: where torch's bf16 GEMM (oneDNN) beats float32 arithmetic (AMX; AVX512-BF16 on some cores,
+  timed once), that GEMM on the weights as they are (activations rounded to bf16, products summed
+  in float32). Elsewhere float32 arithmetic is the fastest (on a Xeon without AMX, AVX512-BF16's dot
+  product runs at half float32 FMA's rate): with AVX-512, prefill.c
   widens the weights a block at a time as it multiplies (as fast as torch's float32 GEMM, and no
   float32 copy); on AVX2, the one layer is widened and multiplied by torch's float32 GEMM.
 - int8: activations split into two int8 codes per value (as fine as int16) and two of torch's int8
@@ -16,16 +17,43 @@ The reference for each is written out in tests/test_packed_prefill.py.
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 
 from midfill.kernels import native
 from midfill.kernels.native import cpu_flags
 
+TIMED_PRODUCT = (256, 2048, 2048)  # rows, K, N: a prompt chunk against a 1.6B-sized layer
 
+
+def best_time(product, rows: torch.Tensor, weight: torch.Tensor) -> float:
+    product(rows, weight)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        product(rows, weight)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@functools.cache
 def has_bf16_matrix_units() -> bool:
-    """AMX tiles: where torch's bf16 GEMM (oneDNN) beats float32 several times over."""
-    return "amx_bf16" in cpu_flags()
+    """Whether torch's bf16 GEMM (oneDNN) beats this CPU's float32 path for prompts. AMX tiles do,
+    several times over. With AVX512-BF16 alone it depends on the core (a Xeon without AMX: half float32's
+    rate; a Zen 4: several times it), so there the two are timed once on a prompt-sized product (~0.3 s)."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags:
+        return False
+    rows, k, n = TIMED_PRODUCT
+    x, weight = torch.randn(rows, k), (torch.randn(n, k) * 0.02).bfloat16()
+    bf16 = best_time(lambda r, w: F.linear(r.bfloat16(), w), x, weight)
+    float32 = best_time(native.gemm_bf16 if native.has_gemm_bf16() else (lambda r, w: F.linear(r, w.float())), x, weight)
+    return bf16 < 0.8 * float32
 
 
 def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
