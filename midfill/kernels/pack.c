@@ -2,12 +2,12 @@
  * reference in midfill/model/quantize.py (int8_scale, int4_range), one row or group at a time.
  *
  * torch runs the search as a few dozen passes over whole tensors, each writing an intermediate as
- * large as the weight; for the 1.6B model that took 7 minutes (int8) and an hour (int4). Here a row
+ * large as the weight: minutes of packing for the 1.6B model on two cores. Here a row
  * (int8) or a group of 32 (int4) stays in registers for its whole search, so the cost is arithmetic
  * only. Each step mirrors the reference's order of operations (subtract, divide, round half to even,
  * clamp; float16 rounding of the int4 scale and minimum), so the levels are the reference's; only
  * summation order differs, which moves the squared errors by a few ulps and can, rarely, pick another
- * of two starts that fit equally well. tests/test_quantize.py holds the two to that.
+ * of two starts that fit equally well. tests/test_native.py holds the two to that.
  *
  * Built into the same library as decode.c; AVX2 + FMA + F16C are enough (every variant has them).
  */

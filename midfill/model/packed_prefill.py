@@ -12,7 +12,7 @@ rows by each weight and is bound by arithmetic, so it goes to the fastest matrix
   GEMMs (VNNI or AMX through oneDNN): on this repo's AVX-512 Xeon 2.3x float32's rate. The
   weights are read as stored.
 - int4: the layer is widened to int8 (one scale per row) in a scratch buffer, then as int8.
-The reference for each is written out in tests/test_packed_prefill.py.
+The reference for each is written out in tests/test_precision.py.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ TIMED_PRODUCT = (256, 2048, 2048)  # rows, K, N: a prompt chunk against a 1.6B-s
 
 
 def best_time(product, rows: torch.Tensor, weight: torch.Tensor) -> float:
+    """Seconds of the fastest of three calls, after one that warms caches and oneDNN's kernel choice."""
     product(rows, weight)
     times = []
     for _ in range(3):
