@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -26,14 +27,20 @@ METRICS = [
 ]
 
 
+COLUMNS = (("base", "base model"), ("pretrain", "before finetune"), ("finetune", "after finetune"))
+
+
 def metrics_table(report: dict) -> str:
-    """The card's metric rows, before and after the finetune, from eval.json's two StoppingReports."""
+    """The card's metric table from eval.json's reports: the base model's (when the recipe continued
+    one), then before and after the finetune."""
 
     def cell(run: dict, key: str, fmt: str) -> str:
         return "–" if run.get(key) is None else fmt.format(run[key])
 
-    return "\n".join(f"| {label} | {cell(report['pretrain'], key, fmt)} | {cell(report['finetune'], key, fmt)} |"
-                     for key, label, fmt in METRICS)  # fmt: skip
+    columns = [(key, title) for key, title in COLUMNS if key in report]
+    head = "| metric | " + " | ".join(title for _, title in columns) + " |\n|---|" + "---|" * len(columns)
+    return head + "".join(f"\n| {label} | " + " | ".join(cell(report[c], key, fmt) for c, _ in columns) + " |"
+                          for key, label, fmt in METRICS)  # fmt: skip
 
 
 def corpus_summary(out: Path, python: str, held_out: tuple[str, ...]) -> tuple[str, str]:
@@ -79,8 +86,27 @@ def tokens_per_step(config: TrainConfig) -> int:
     return config.micro_batch * config.grad_accum * config.block_size
 
 
-def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: TrainConfig, held_out: tuple[str, ...], seed: int) -> str:
-    """The card's markdown; `out` is the recipe folder with the data manifests and both runs."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretraining_line(pre: TrainConfig, steps: int, base: Path | None) -> str:
+    """The card's pretraining step: from scratch with early dropout, or continued from a base model."""
+    seen = f"{steps:,} steps of {tokens_per_step(pre):,} tokens ({steps * tokens_per_step(pre):,} tokens seen), Lion (lr {pre.lr} -> {pre.min_lr}, warmup {pre.warmup_steps})"
+    if base is None:
+        return f"**Pretraining**: {seen}, early dropout {pre.early_dropout} over the first {pre.early_dropout_fraction:.0%} of steps"
+    return (f"**Continued pretraining** of the base model (its `model.safetensors` has sha256 "
+            f"`{file_sha256(base / 'model.safetensors')}`), on this corpus with its tokenizer: {seen}, no early dropout")
+
+
+def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: TrainConfig, held_out: tuple[str, ...], seed: int,
+               base: Path | None = None) -> str:
+    """The card's markdown; `out` is the recipe folder with the data manifests and both runs; `base`
+    the model the recipe continued, if it did."""
     pre_data = json.loads((out / "pretrain-data" / "manifest.json").read_text())
     fine_data = json.loads((out / "finetune-data" / "manifest.json").read_text())
     pre_run, fine_run = run_summary(RunFolder(out / "pretrain")), run_summary(RunFolder(out / "finetune"))
@@ -91,6 +117,7 @@ def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: T
     shape = pre.shape()
     corpus, licences = corpus_summary(out, python, held_out)
     chat = report["finetune"].get("chat_answer")
+    reproduce_base = ", BASE being the model with the sha256 above (the embedded model that this one replaced, in git history)"
     chat_section = "" if chat is None else f"""
 ## Chat, as it comes
 
@@ -124,9 +151,8 @@ files in, {pre_data['stages']['dedup']['docs_out']:,} kept, {sum(s['tokens'] for
 
 ## Training
 
-1. **Pretraining**: {pre_run['steps']:,} steps of {tokens_per_step(pre):,} tokens ({pre_run['steps'] * tokens_per_step(pre):,} tokens seen), Lion
-   (lr {pre.lr} -> {pre.min_lr}, warmup {pre.warmup_steps}), early dropout {pre.early_dropout} over the first
-   {pre.early_dropout_fraction:.0%} of steps, FIM rate {pre.fim.fim_rate} (SPM {pre.fim.spm_rate}). Final train loss
+1. {pretraining_line(pre, pre_run['steps'], base)},
+   FIM rate {pre.fim.fim_rate} (SPM {pre.fim.spm_rate}). Final train loss
    {pre_run['train_loss']:.3f}, val-split loss {loss(pre_run['val_loss'])} (nats/token).
 2. **Finetune** on the card's mix, from the same training modules: {kinds}
    ({fine_data['config']['instruct_fraction']:.0%} instruction pairs in the chat format, the rest synthetic FIM whose middle
@@ -145,12 +171,10 @@ a name, line-start from column 0 of an indented line (the prefix ends in its new
 the request carries its token-healed prompt, as `midfill serve` sends by default. The last three
 let only the model's own <|endoftext|> end a completion (at most 96 tokens).
 
-| metric | before finetune | after finetune |
-|---|---|---|
 {metrics_table(report)}
 {chat_section}
 ## Licence
 
 Training data: {licences}. Weights: Apache-2.0, like midfill.
-Reproduce with `midfill recipe embedded --out DIR` (resumable, seeded).
+Reproduce with `midfill recipe embedded --out DIR{" --continue-from BASE" if base else ""}` (resumable, seeded){reproduce_base if base else ""}.
 """

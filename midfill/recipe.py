@@ -8,6 +8,12 @@ the evaluations read. Steps, each skipped when its output exists and each resuma
 tokenizer -> data build -> pretraining -> finetune mix (85% synthetic FIM, 15% instructions) ->
 finetune -> evaluation before and after -> a bf16 export. Everything is seeded; rerunning the
 command continues where it stopped.
+
+With a base model (`--continue-from`), the recipe continues it instead of starting afresh: its
+tokenizer is kept, pretraining starts from its weights at the finetune's learning rate and without
+early dropout (which is for the first steps of a new network), and the base is evaluated on the
+same held-out code, so the card shows what the continuation bought. A CPU can afford this where a
+pretraining from scratch on the whole corpus takes a GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +76,7 @@ class Recipe:
     humaneval_tokens: int = 256
     humaneval_problems: int = 164  # all of them; fewer only where a test needs the pipeline, not the number
     seed: int = SEED
+    base: str | None = None  # a model folder to continue (its tokenizer and weights); None: a new network
 
     def __post_init__(self) -> None:
         if self.finetune not in ("card", "fim", "none"):
@@ -95,6 +102,7 @@ class Recipe:
 
 
 EMBEDDED = Recipe(shape=dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024), pretrain_steps=2500, finetune_steps=600)
+CONTINUED = replace(EMBEDDED, pretrain_steps=350, finetune_steps=250, early_dropout=0.0)  # with base= set: what 2 CPU cores train in about 75 minutes
 SMALL = Recipe(shape=dict(n_embd=192, n_layer=4, n_head=4, n_positions=1024), pretrain_steps=160, finetune_steps=40,
                micro_batch=8, finetune_examples=4000, eval_per_kind=50, humaneval_tokens=128)
 
@@ -133,7 +141,13 @@ def prepare_pretraining(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) 
     out.mkdir(parents=True, exist_ok=True)
     write_corpus(out)
     tokenizer_path = out / "tokenizer.json"
-    if not tokenizer_path.exists():
+    if recipe.base:  # the base's embeddings are of its tokens
+        base_tokenizer = Path(recipe.base) / "tokenizer.json"
+        if not tokenizer_path.exists():
+            shutil.copy(base_tokenizer, tokenizer_path)
+        elif tokenizer_path.read_bytes() != base_tokenizer.read_bytes():
+            raise MidfillError(f"{out} holds another tokenizer than {recipe.base}'s; continue it in a new --out")
+    elif not tokenizer_path.exists():
         log("training the tokenizer")
         train_tokenizer(iter(corpus_texts(out, "train")), VOCAB_SIZE).save(tokenizer_path)
     data = pretrain_data(out, recipe)
@@ -161,9 +175,13 @@ def prepare_finetuning(out: Path, recipe: Recipe = EMBEDDED, log: Log = print) -
 
 
 def stage_config(recipe: Recipe, stage: str, data: Path, run: Path, init_from: Path | None = None) -> TrainConfig:
-    """A stage's training config: the recipe's schedule (warmup 6%, cosine to a tenth), optimizer and batch."""
+    """A stage's training config: the recipe's schedule (warmup 6%, cosine to a tenth), optimizer and batch;
+    a stage that starts from trained weights (a finetune, or pretraining continued from a base) takes
+    the finetune's learning rate."""
     steps = recipe.finetune_steps if stage == "finetune" else recipe.pretraining_steps
-    lr = LEARNING_RATES[recipe.optimizer][stage == "finetune"]
+    if stage == "pretrain" and recipe.base:
+        init_from = Path(recipe.base)
+    lr = LEARNING_RATES[recipe.optimizer][stage == "finetune" or init_from is not None]
     return TrainConfig(
         data=str(data), out_dir=str(run), preset="tiny", model=recipe.shape, seed=recipe.seed,
         init_from=str(init_from) if init_from else None, steps=steps, micro_batch=recipe.micro_batch, grad_accum=1,
@@ -189,15 +207,17 @@ def chat_answer(model: GPTRefactForCausalLM, tok: Tokenizer, question: str, max_
     return tok.decode(ids)
 
 
-def evaluate_model(out: Path, run: Path, recipe: Recipe, log: Log = print) -> dict:
+def evaluate_model(out: Path, run: Path, recipe: Recipe, log: Log = print, model_dir: Path | None = None) -> dict:
     """One model's report on the held-out code (cached in its run folder's eval.json): the infill
     metrics, held-out loss, HumanEval pass@1 (greedy, n=1) in the fim and completion formats, and
-    the chat answer to SORT_QUESTION."""
+    the chat answer to SORT_QUESTION. The model is the run's, or model_dir (a base model, with `run`
+    a folder for its report)."""
     path = run / "eval.json"
     if path.exists():
         return json.loads(path.read_text())
     log(f"evaluating {run.name} on the held-out code")
-    model, tok = load_model(RunFolder(run).model), load_tokenizer(out / "tokenizer.json")
+    run.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(model_dir or RunFolder(run).model), load_tokenizer(out / "tokenizer.json")
     texts = corpus_texts(out, "heldout")
     report = asdict(evaluate_stopping(model, tok, held_out_examples(texts, per_kind=recipe.eval_per_kind, seed=recipe.seed)))
     report["held_out_loss"] = held_out_loss(model, held_out_blocks(tok, texts, recipe.block_size, blocks=64))
@@ -241,18 +261,30 @@ def export(out: Path, report: dict, recipe: Recipe = EMBEDDED) -> Path:
     shutil.copy(finetune.loss_plot, folder / "loss-finetune.png")
     pre = stage_config(recipe, "pretrain", pretrain_data(out, recipe), pre_run)
     fine = stage_config(recipe, "finetune", finetune_data(out, recipe), fine_run)
-    card = model_card(out, model.num_parameters(), report, pre, fine, HELD_OUT, recipe.seed)
+    card = model_card(out, model.num_parameters(), report, pre, fine, HELD_OUT, recipe.seed, base=Path(recipe.base) if recipe.base else None)
     write_text_atomic(folder / "MODEL_CARD.md", card)
     return folder
 
 
-def embedded_recipe(out: Path, until_step: int | None = None, log: Log = print) -> Path | None:
-    """Run or resume every step of the shipped model; with until_step, pause a training stage after that step."""
-    if run_recipe(out, EMBEDDED, until_step, keyed=False, log=log) is None:
+def embedded_recipe(out: Path, until_step: int | None = None, base: Path | None = None, log: Log = print,
+                    recipe: Recipe | None = None) -> Path | None:
+    """Run or resume every step of the shipped model (EMBEDDED, or CONTINUED from `base`; tests give a
+    smaller recipe); with until_step, pause a training stage after that step."""
+    if base is not None:  # a copy in the work folder: the run resumes, and its card names it, whatever happens to `base`
+        kept = out / "base" / "model"
+        if not (kept / "model.safetensors").exists():
+            shutil.copytree(base, kept.with_name("model.partial"), dirs_exist_ok=True)
+            kept.with_name("model.partial").rename(kept)
+        base = kept
+    recipe = recipe or (EMBEDDED if base is None else CONTINUED)
+    recipe = replace(recipe, base=str(base) if base else None)
+    prepare_pretraining(out, recipe, log)  # the base is measured on the held-out split it writes
+    report = {"base": evaluate_model(out, out / "base", recipe, log, model_dir=base)} if base is not None else {}
+    if run_recipe(out, recipe, until_step, keyed=False, log=log) is None:
         return None
-    pre_run, fine_run = run_folders(out, EMBEDDED, keyed=False)
-    report = {"pretrain": evaluate_model(out, pre_run, EMBEDDED, log), "finetune": evaluate_model(out, fine_run, EMBEDDED, log)}
-    return export(out, report)
+    pre_run, fine_run = run_folders(out, recipe, keyed=False)
+    report |= {"pretrain": evaluate_model(out, pre_run, recipe, log), "finetune": evaluate_model(out, fine_run, recipe, log)}
+    return export(out, report, recipe)
 
 
 def read_step(run: Path) -> int:

@@ -12,7 +12,7 @@ from midfill.data.installed import HELD_OUT, installed_packages, is_held_out, st
 from midfill.errors import MidfillError
 from midfill.files import write_text_atomic
 from midfill.model_card import METRICS, corpus_summary
-from midfill.recipe import Recipe, evaluate_model, export, run_recipe, write_corpus
+from midfill.recipe import Recipe, embedded_recipe, evaluate_model, export, run_recipe, stage_config, write_corpus
 from midfill.train.run_folder import RunFolder
 
 
@@ -85,6 +85,32 @@ def test_export_writes_the_card_with_every_metric_and_the_chat_answer(tmp_path, 
     assert len(rows) == len(METRICS) and not any("–" in row for row in rows)  # every metric measured, none missing
     with safe_open(folder / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}  # shipped in bf16
+
+
+def test_a_continued_recipe_keeps_the_base_tokenizer_starts_from_its_weights_and_reports_it(tmp_path, small_tokenizer):
+    first = tmp_path / "first"
+    micro_corpus(first, small_tokenizer)
+    base = embedded_recipe(first, log=lambda message: None, recipe=MICRO)
+    second = tmp_path / "second"
+    micro_corpus(second, small_tokenizer)
+    (second / "tokenizer.json").unlink()  # the continuation takes the base's
+    continued = dataclasses.replace(MICRO, early_dropout=0.0)
+    folder = embedded_recipe(second, base=base, log=lambda message: None, recipe=continued)
+    assert (second / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    pre = stage_config(dataclasses.replace(continued, base=str(second / "base" / "model")), "pretrain", second / "pretrain-data", second / "pretrain")
+    assert pre.init_from == str(second / "base" / "model") and pre.lr == 2e-4 and pre.early_dropout == 0.0  # the finetune's rate
+    first_step = RunFolder(second / "pretrain").rows()[0]["loss"]
+    fresh_step = RunFolder(first / "pretrain").rows()[0]["loss"]
+    assert first_step < fresh_step  # it starts where the base ended, not from a new network
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "| metric | base model | before finetune | after finetune |" in card and "**Continued pretraining**" in card
+    assert json.loads((second / "base" / "eval.json").read_text())["held_out_loss"] > 0
+
+    other = tmp_path / "other"
+    micro_corpus(other, small_tokenizer)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"<fim_prefix>"', '"<fim_prefix>" '))
+    with pytest.raises(MidfillError, match="holds another tokenizer"):
+        embedded_recipe(other, base=base, log=lambda message: None, recipe=continued)
 
 
 def test_the_card_names_the_corpus_packages_from_its_manifest(tmp_path):

@@ -78,8 +78,8 @@ def test_the_card_table_shows_old_reports_with_dashes():
     new = {key: 0.5 for key, _, _ in METRICS} | {"examples": {}}
     old = {"single_line_exact_match": 0.05, "multi_line_stopped_right": 0.09, "empty_middle_accuracy": 0.92,
            "over_generation_chars": 12.5, "examples": {"single": 100, "multi": 100, "empty": 100}}  # fmt: skip
-    rows = metrics_table({"pretrain": old, "finetune": new}).split("\n")
-    assert len(rows) == len(METRICS)
+    head, _, *rows = metrics_table({"pretrain": old, "finetune": new}).split("\n")
+    assert head == "| metric | before finetune | after finetune |" and len(rows) == len(METRICS)
     assert "| single-line infill exact match | – | 50.0% |" in rows
     assert "| empty-middle accuracy | 92.0% | 50.0% |" in rows
     assert sum("healing on" in row for row in rows) == 2

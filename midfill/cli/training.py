@@ -144,12 +144,15 @@ def recipe_embedded(
     out: Annotated[Path, typer.Option(help="Work folder; rerun with the same folder to resume.")],
     until_step: Annotated[Optional[int], typer.Option(min=1, help="Pause each training stage after this step.")] = None,
     install: Annotated[bool, typer.Option(help="Copy the result into this package's assets.")] = False,
+    continue_from: Annotated[Optional[Path], typer.Option(help="A model folder to continue (its tokenizer and weights) instead of a new network.")] = None,
 ) -> None:
     """Reproduce the embedded model: corpus of installed code, tokenizer, pretraining, finetune mix, finetune, eval."""
 
     from midfill.recipe import embedded_recipe
 
-    folder = embedded_recipe(out, until_step=until_step, log=lambda message: err.print(f"recipe: {message}"))
+    if continue_from is not None and not (continue_from / "model.safetensors").is_file():
+        raise MidfillError(f"--continue-from {continue_from}: no model.safetensors there")
+    folder = embedded_recipe(out, until_step=until_step, base=continue_from, log=lambda message: err.print(f"recipe: {message}"))
     if folder is None:
         err.print(f"recipe: paused; rerun the same command to continue ({out})")
         return
