@@ -43,9 +43,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model, small_tokenizer):
-    # speculation off: its draft lengths follow measured pass times, so a sampled answer with a seed can
-    # differ between two runs (open in issue 20); these tests are about what a hostile request does
-    with running_server(model, small_tokenizer, max_batch=8, speculate=False) as (url, engine):
+    with running_server(model, small_tokenizer, max_batch=8) as (url, engine):  # speculating, as served by default
         yield url, engine
 
 

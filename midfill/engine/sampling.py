@@ -80,18 +80,3 @@ class Sampler:
         if self.params.greedy:
             return logits.argmax(dim=-1)
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
-
-    def next_token(self, logits: torch.Tensor, seen: torch.Tensor | None, guess: int | None) -> int:
-        """One row's next token (logits [1, V]) when a draft guessed `guess`, distributed exactly as
-        __call__'s: greedy takes the argmax; sampling keeps the guess with its own probability p and
-        otherwise draws from the other tokens renormalised (p + (1 - p) * q / (1 - p) = q for each)."""
-        if guess is None:
-            return int(self(logits, seen)[0])
-        logits = self.adjusted(logits, seen)
-        if self.params.greedy:
-            return int(logits.argmax(dim=-1)[0])
-        probs = logits.softmax(dim=-1)
-        if float(torch.rand(1, generator=self.generator)) < float(probs[0, guess]):
-            return guess
-        probs[0, guess] = 0.0
-        return int(torch.multinomial(probs, 1, generator=self.generator)[0])

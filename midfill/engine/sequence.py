@@ -114,14 +114,13 @@ class Sequence:
         self.assembler.skip = wanted
         return run_prompt(model, slab, row, healed, keep)
 
-    def sample(self, logits: torch.Tensor, guess: int | None = None) -> int:
-        """Sample the next token from logits [1, V] (given a draft's guess, see Sampler.next_token) and
-        take it; a failure ends this sequence alone."""
+    def sample(self, logits: torch.Tensor) -> int:
+        """Sample the next token from logits [1, V] and take it; a failure ends this sequence alone."""
         try:
             healing = self.required is not None and not self.required.done
             if healing:
                 logits = self.required.mask(logits)
-            token = self.sampler.next_token(logits, self.seen, guess)
+            token = int(self.sampler(logits, self.seen)[0])
             if healing:
                 self.required.advance(token)
         except Exception:
@@ -143,11 +142,18 @@ class Sequence:
     def take(self, logits: torch.Tensor, draft: list[int]) -> int:
         """Verify a draft with logits [1 + len(draft), V] of next_token and the drafted tokens: take
         the sampled tokens while they agree with it, plus the one after. Returns how many of those
-        rows' keys and values to keep (next_token's and those of the accepted drafted tokens)."""
+        rows' keys and values to keep (next_token's and those of the accepted drafted tokens).
+
+        Each row samples as it would without a draft, and a drafted token stands only if the sample
+        equals it. For a draft that is one fixed token (a lookup, not a draft model) this is the
+        speculative-sampling rule itself: the guess g is kept with probability q(g) and otherwise the
+        token comes from q without g, renormalised. And because every emitted token takes one draw
+        from the request's generator, as without drafts, a seeded request gives the same text
+        whatever the draft lengths were."""
         kept = accepted = 0
         for j in range(len(draft) + 1):
             guess = draft[j] if j < len(draft) else None
-            token = self.sample(logits[j : j + 1], guess)
+            token = self.sample(logits[j : j + 1])
             kept += 1
             accepted += token == guess
             if token != guess or self.finish_reason is not None:

@@ -6,7 +6,7 @@ guess for what comes next. The engine verifies such a draft in the same decode p
 row's next token (one more row per drafted token: on a CPU the weights are read once for all
 rows, so a row costs far less than a pass), keeps the longest prefix the model agrees with and
 rolls the rest back. Greedy output is the same token for token; sampled output keeps its
-distribution (Sequence.take_draft).
+distribution, and a seeded request its text, whatever the draft lengths (Sequence.take).
 
 A draft pays only when enough of it is accepted for what its rows cost, so the length adapts per
 request (acceptance rate) and per machine (measured pass times by row count), down to zero.
