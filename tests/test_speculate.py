@@ -14,7 +14,7 @@ import midfill
 from midfill.engine.request import Finished, GenerationRequest, TextDelta
 from midfill.engine.sampling import SamplingParams
 from midfill.engine.scheduler import Engine
-from midfill.engine.speculate import DraftPolicy, NgramIndex, PassTimes
+from midfill.engine.speculate import PRIOR_ACCEPTANCE, AcceptancePrior, DraftPolicy, NgramIndex, PassTimes
 from midfill.engine.stops import StopRules
 from midfill.hub import EMBEDDED_MODEL
 from midfill.model.quantize import quantize_model
@@ -46,6 +46,36 @@ def test_probing_again_after_a_while_off():
     times.record(1, 1.0), times.record(2, 2.0)
     lengths = [policy.length(1, times, limit=7) for _ in range(40)]
     assert 0 < sum(lengths) <= 3
+
+
+def test_the_shared_prior_follows_finished_requests_by_their_evidence():
+    prior = AcceptancePrior()
+    prior.learn(DraftPolicy())  # drafted nothing: no say
+    assert prior.rate == PRIOR_ACCEPTANCE
+    short = DraftPolicy()
+    short.verdict(2, 0)
+    prior.learn(short)
+    assert PRIOR_ACCEPTANCE - 0.05 < prior.rate < PRIOR_ACCEPTANCE  # two tokens move it a little
+    for _ in range(12):
+        edit = DraftPolicy()
+        edit.verdict(40, 38)
+        prior.learn(edit)
+    assert prior.rate > 0.9
+
+
+def test_a_new_request_starts_from_what_the_earlier_ones_showed():
+    model = tiny_model(seed=2, n_embd=128, n_head=4, vocab_size=128, n_positions=512)
+    prompt = torch.randperm(128, generator=torch.Generator().manual_seed(0)).tolist() * 2  # every token has a drafted successor
+    engine = Engine(model, None, max_batch=1)
+    seen = []
+    for _ in range(3):
+        engine.submit(GenerationRequest(prompt, 12, stop_ids=frozenset(), cache_prompt=False), lambda event: None)
+        engine.drive()
+        seen.append(engine.acceptance.rate)
+    assert seen[0] != PRIOR_ACCEPTANCE and len(set(seen)) == 3  # each finished request moved it
+    engine.submit(GenerationRequest(prompt, 4, stop_ids=frozenset()), lambda event: None)
+    engine.step()  # admitted: its drafting starts at the shared rate
+    assert engine.active[0].policy.accepted == seen[-1]
 
 
 def chi_square_limit(df: int, z: float = 3.09) -> float:

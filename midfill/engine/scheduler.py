@@ -22,7 +22,7 @@ from midfill.engine.assembler import TextAssembler
 from midfill.engine.prefix_cache import PrefixCache
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult
 from midfill.engine.sequence import EventSink, Sequence, emit
-from midfill.engine.speculate import PassTimes
+from midfill.engine.speculate import AcceptancePrior, PassTimes
 from midfill.errors import MidfillError
 from midfill.model import GPTRefactForCausalLM, KVCache
 from midfill.model.decode_step import decode_rows
@@ -69,6 +69,7 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.speculate = speculate  # requests may opt out one by one (GenerationRequest.speculate)
         self.pass_times = PassTimes()
+        self.acceptance = AcceptancePrior()  # where each new request's drafting starts
         self.active: list[Sequence] = []
         self.pending: deque[Pending] = deque()
         self.wakeup = threading.Condition()
@@ -192,7 +193,8 @@ class Engine:
 
     def _admit(self, item: Pending) -> None:
         try:
-            seq = Sequence(item.request, item.sink, self.tok, self.model.device, item.submitted_at, item.assembler)
+            seq = Sequence(item.request, item.sink, self.tok, self.model.device, item.submitted_at, item.assembler,
+                           self.acceptance.rate)
         except Exception:
             log.exception("a request could not be admitted")
             emit(item.sink, Finished(GenerationResult.empty(item.request, "error")))
@@ -239,6 +241,7 @@ class Engine:
             if seq.finish_reason is None:
                 continue
             self._remember(seq, row)
+            self.acceptance.learn(seq.policy)
             seq.finish()
             last = len(self.active) - 1
             if row != last:

@@ -18,7 +18,7 @@ from midfill.engine.healing import RequiredPrefix, healing_wanted
 from midfill.engine.prefix_cache import PrefixCache
 from midfill.engine.request import Finished, GenerationRequest, GenerationResult, TextDelta
 from midfill.engine.sampling import Sampler
-from midfill.engine.speculate import DraftPolicy, NgramIndex, PassTimes
+from midfill.engine.speculate import PRIOR_ACCEPTANCE, DraftPolicy, NgramIndex, PassTimes
 from midfill.model import GPTRefactForCausalLM, KVCache
 from midfill.tokenizer import Tokenizer
 
@@ -45,7 +45,7 @@ class Sequence:
     """A request being generated: its tokens, sampler, text and stop state."""
 
     def __init__(self, request: GenerationRequest, sink: EventSink, tok: Tokenizer | None, device: torch.device,
-                 submitted_at: float, assembler: TextAssembler | None = None) -> None:
+                 submitted_at: float, assembler: TextAssembler | None = None, prior_acceptance: float = PRIOR_ACCEPTANCE) -> None:
         self.request = request
         self.sink = sink
         # without a tokenizer (ids in, ids out: `generate`), there is no text and no stop string
@@ -64,7 +64,7 @@ class Sequence:
         self.next_token = -1  # sampled, to be fed at the next decode step
         self.finish_reason: str | None = None
         self.lookup: NgramIndex | None = None  # built at the first draft, then kept up to date (speculate.py)
-        self.policy = DraftPolicy()
+        self.policy = DraftPolicy(accepted=prior_acceptance)
 
     @property
     def generated(self) -> list[int]:

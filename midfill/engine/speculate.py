@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 MAX_NGRAM = 4  # the longest tail looked up: longer matches are rarer but surer
 MAX_DRAFT = 7  # with the row's own token, 8 rows: the native kernels' widest single pass
 PROBE_EVERY = 16  # a request that stopped drafting tries one short draft this often, in case the text changed
-PRIOR_ACCEPTANCE = 0.6  # before a request has any verdicts: what edits showed (benchmarks/RESULTS.md)
+PRIOR_ACCEPTANCE = 0.6  # before the engine has any verdicts: what edits showed (benchmarks/RESULTS.md)
+PRIOR_EVIDENCE = 32  # drafted tokens that give a finished request half the say in the shared prior
 
 
 class NgramIndex:
@@ -105,3 +106,20 @@ class DraftPolicy:
             self.drafted_total += drafted
             self.accepted_total += accepted
             self.accepted = 0.7 * self.accepted + 0.3 * (accepted / drafted)
+
+
+@dataclass
+class AcceptancePrior:
+    """The acceptance rate a new request starts from: what the drafts of the requests before it showed.
+
+    An editor's completions are short (a line is a few tokens), so a request learning its own rate
+    from 0.6 ends before it knows; the server's traffic knows better. Each finished request moves the
+    prior towards its own rate, with a say that grows with how much it drafted.
+    """
+
+    rate: float = PRIOR_ACCEPTANCE
+
+    def learn(self, policy: DraftPolicy) -> None:
+        if policy.drafted_total:
+            say = 0.5 * policy.drafted_total / (policy.drafted_total + PRIOR_EVIDENCE)
+            self.rate += say * (policy.accepted_total / policy.drafted_total - self.rate)
