@@ -23,7 +23,9 @@ path: the bf16 checkpoint itself, and for int8/int4 a copy packed once by `midfi
 the GGUFs are quantized once). The read bandwidth (benchmarks/decode.py's probe) and the load
 average are taken before every run: each decode is given as a fraction of its bound (bandwidth /
 bytes of weights a token reads), and other work on the cores, which slows either engine many
-times over, shows in the report.
+times over, shows in the report. For bf16, midfill's process also times the prompt's matrix products
+done alone by torch's bf16 kernels (oneDNN; AMX where the CPU has it), right after its own prefill:
+the yardstick that prefill on packed weights is held to.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ MEASURES = [  # (key, table label, number format) of each measurement, in the ta
     ("prefill_tok_s", "prefill {n} tok/s", ".1f"),
     ("peak_rss_gb", "peak RSS GB", ".2f"),
     ("fraction_of_bound", "decode d0 / read bound", ".0%"),
+    ("products_alone_tok_s", "{n} tokens of bf16 products alone (oneDNN) tok/s", ".1f"),
+    ("prefill_of_products_alone", "prefill / products alone", ".0%"),
 ]
 
 # Run with the converter's interpreter: the tree's convert_hf_to_gguf.py, imported as a module after
@@ -362,6 +366,28 @@ def timed_request(engine: Engine, prompt: list[int], new: int) -> tuple[float, f
     return prefill, new / (time.perf_counter() - start)
 
 
+def bf16_products_alone(config: RefactConfig, tokens: int, rounds: int = 3) -> float:
+    """Seconds that torch's bf16 kernels (oneDNN) alone take for a prompt's matrix products: every
+    block's q, kv, c_proj, gate_up and down projections over `tokens` rows, and lm_head on the last.
+    The yardstick of issue 19's prefill: no attention, norms or packing, just the products."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(config.n_embd, config.n_embd), (2 * config.head_dim, config.n_embd), (config.n_embd, config.n_embd),
+              (2 * config.mlp_hidden, config.n_embd), (config.n_embd, config.mlp_hidden)]  # fmt: skip
+    weights = [torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in shapes]
+    head = torch.randn(config.vocab_size, config.n_embd, generator=gen).to(torch.bfloat16)
+    x = torch.randn(tokens, config.n_embd, generator=gen).to(torch.bfloat16)
+    hidden = torch.randn(tokens, config.mlp_hidden, generator=gen).to(torch.bfloat16)
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first round warms oneDNN's kernels up
+        start = time.perf_counter()
+        for _ in range(config.n_layer):
+            for w in weights:
+                torch.nn.functional.linear(hidden if w.shape[1] == config.mlp_hidden else x, w)
+        torch.nn.functional.linear(x[-1:], head)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def midfill_one(folder: Path, prompt_tokens: int, new: int, threads: int) -> dict:
     """midfill's side, in this (child) process: load the folder (the default path), then decode at depth 0,
     prefill, decode deep."""
@@ -375,6 +401,7 @@ def midfill_one(folder: Path, prompt_tokens: int, new: int, threads: int) -> dic
     _, decode_d0 = timed_request(engine, [5], new)
     prompt = torch.randint(5, model.config.vocab_size, (prompt_tokens,)).tolist()
     prefill_s, decode_deep = timed_request(engine, prompt, new)
+    alone = bf16_products_alone(model.config, prompt_tokens) if model.weight_format in (None, "bf16") else None
     return {
         "loaded_as": model.weight_format or str(model.dtype).removeprefix("torch."),
         "weight_bytes_per_token": weight_bytes_per_token(model),
@@ -383,6 +410,8 @@ def midfill_one(folder: Path, prompt_tokens: int, new: int, threads: int) -> dic
         "decode_d0_tok_s": decode_d0,
         "prefill_tok_s": prompt_tokens / prefill_s,
         "decode_deep_tok_s": decode_deep,
+        "products_alone_tok_s": alone and prompt_tokens / alone,  # the same process, right after its prefill
+        "prefill_of_products_alone": alone and alone / prefill_s,
         "native_kernels": native.available(),
     }
 
@@ -466,7 +495,7 @@ def table(rows: list[dict], args: argparse.Namespace, main: str, readings: list[
         )
         for key, label, form in MEASURES:
             label = label.format(n=args.prompt)
-            ratio = "" if key == "fraction_of_bound" else cell(row[f"ratio_{key}"], ".2f")
+            ratio = "" if key in ("fraction_of_bound", "prefill_of_products_alone") else cell(row[f"ratio_{key}"], ".2f")
             grid.add_row(
                 "",
                 label,
