@@ -106,6 +106,9 @@ def test_a_continued_recipe_keeps_the_base_tokenizer_starts_from_its_weights_and
     assert "| metric | base model | before finetune | after finetune |" in card and "**Continued pretraining**" in card
     assert json.loads((second / "base" / "eval.json").read_text())["held_out_loss"] > 0
 
+    with pytest.raises(MidfillError, match="continues another base"):
+        embedded_recipe(second, base=second / "model", log=lambda message: None, recipe=continued)
+
     other = tmp_path / "other"
     micro_corpus(other, small_tokenizer)
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"<fim_prefix>"', '"<fim_prefix>" '))
