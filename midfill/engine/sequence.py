@@ -63,7 +63,7 @@ class Sequence:
         self.n_sampled = 0
         self.next_token = -1  # sampled, to be fed at the next decode step
         self.finish_reason: str | None = None
-        self.lookup: NgramIndex | None = None  # built at the first draft, then kept up to date (speculate.py)
+        self.lookup: NgramIndex | None = None  # built at the first draft that pays, then kept up to date (speculate.py)
         self.policy = DraftPolicy(accepted=prior_acceptance)
 
     @property
@@ -134,10 +134,13 @@ class Sequence:
         draft as long as pays (speculate.py), none while healing or when the request opted out."""
         if not self.request.speculate or self.finish_reason is not None or (self.required and not self.required.done):
             return []
+        limit = self.request.max_new_tokens - self.n_sampled  # a guess for each token still wanted
+        length = self.policy.length(rows, times, limit)
+        if length == 0:
+            return []  # no index yet where drafting does not pay: indexing a long prompt costs more than a short answer
         if self.lookup is None:
             self.lookup = NgramIndex(self.tokens)
-        limit = self.request.max_new_tokens - self.n_sampled  # a guess for each token still wanted
-        return self.lookup.draft(self.policy.length(rows, times, limit))
+        return self.lookup.draft(length)
 
     def take(self, logits: torch.Tensor, draft: list[int]) -> int:
         """Verify a draft with logits [1 + len(draft), V] of next_token and the drafted tokens: take
