@@ -68,8 +68,10 @@ class Tokenizer:
         return table
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes a token stands for (a byte-level token may hold part of a UTF-8 character)."""
-        return self._bytes_of_tokens[token_id]
+        """The bytes a token stands for (a byte-level token may hold part of a UTF-8 character); none
+        for an id past the tokenizer's, a padding row of a model's embedding (Refact pads to 49,216)."""
+        table = self._bytes_of_tokens
+        return table[token_id] if token_id < len(table) else b""
 
     @property
     def vocab_size(self) -> int:

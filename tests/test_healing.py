@@ -54,6 +54,8 @@ def test_healing_is_wanted_only_when_the_first_token_would_merge(small_tokenizer
     newline = tok.encode("\n")[0]  # a bare newline the model would end the answer after: heal
     assert healing_wanted(tok, newline, tok.eot_id, frozenset({tok.eot_id})) == "\n"
     assert healing_wanted(tok, x, tok.eot_id, frozenset({tok.eot_id})) is None
+    padding = tok.vocab_size + 3  # a model's embedding padded past its tokenizer (Refact's 49,216) may predict one
+    assert healing_wanted(tok, last, padding, frozenset({tok.eot_id})) is None and tok.token_bytes(padding) == b""
 
 
 def test_consistent_tokens_are_exactly_those_that_can_spell_the_text(small_tokenizer):

@@ -78,6 +78,8 @@ def healing_wanted(tok: Tokenizer, last: int, first: int, stop_ids: frozenset[in
     write a line it never saw start like that. Otherwise the plain prompt's answer is kept, so a
     cut at a natural token boundary is answered exactly as without healing.
     """
+    if first >= tok.vocab_size:
+        return None  # a padding id of the model's embedding: no text to merge with
     try:
         text = tok.token_bytes(last).decode("utf-8")
         joined = (tok.token_bytes(last) + tok.token_bytes(first)).decode("utf-8")
