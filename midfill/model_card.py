@@ -86,21 +86,13 @@ def tokens_per_step(config: TrainConfig) -> int:
     return config.micro_batch * config.grad_accum * config.block_size
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pretraining_line(pre: TrainConfig, steps: int, base: Path | None) -> str:
     """The card's pretraining step: from scratch with early dropout, or continued from a base model."""
     seen = f"{steps:,} steps of {tokens_per_step(pre):,} tokens ({steps * tokens_per_step(pre):,} tokens seen), Lion (lr {pre.lr} -> {pre.min_lr}, warmup {pre.warmup_steps})"
     if base is None:
         return f"**Pretraining**: {seen}, early dropout {pre.early_dropout} over the first {pre.early_dropout_fraction:.0%} of steps"
     return (f"**Continued pretraining** of the base model (its `model.safetensors` has sha256 "
-            f"`{file_sha256(base / 'model.safetensors')}`), on this corpus with its tokenizer: {seen}, no early dropout")
+            f"`{hashlib.sha256((base / 'model.safetensors').read_bytes()).hexdigest()}`), on this corpus with its tokenizer: {seen}, no early dropout")
 
 
 def model_card(out: Path, n_params: int, report: dict, pre: TrainConfig, fine: TrainConfig, held_out: tuple[str, ...], seed: int,

@@ -275,7 +275,7 @@ def embedded_recipe(out: Path, until_step: int | None = None, base: Path | None 
         if not (kept / "model.safetensors").exists():
             shutil.copytree(base, kept.with_name("model.partial"), dirs_exist_ok=True)
             kept.with_name("model.partial").rename(kept)
-        elif (kept / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes() and base.resolve() != kept.resolve():
+        elif base.resolve() != kept.resolve() and (kept / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes():
             raise MidfillError(f"{out} continues another base than {base}; use a new --out for this one")
         base = kept
     recipe = recipe or (EMBEDDED if base is None else CONTINUED)
