@@ -16,6 +16,7 @@ from midfill.model.kv_cache import KVCache
 from midfill.model.packed_prefill import has_bf16_matrix_units, int8_product, int8_rows
 from midfill.model.precision import choose_precision as choose
 from midfill.model.precision import describe
+from midfill.model.quantize import bf16_prompt, quantize_model
 from tests.helpers import tiny_model
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -69,6 +70,24 @@ def test_a_bf16_checkpoint_loads_packed_and_equals_its_float32_math(tmp_path):
     step = decode_one(model, IDS[:, -1], cache)  # one token: the native kernels, float32 activations
     close = 2e-2 if has_bf16_matrix_units() else 1e-4  # ... over a cache the prompt path filled (bf16 activations there)
     torch.testing.assert_close(step, expected[:, -1], rtol=close, atol=close)
+
+
+@needs_native
+def test_a_bf16_prompt_computes_in_bf16_only_on_bf16_packed_weights_and_matrix_units(tmp_path):
+    folder, reference = bf16_checkpoint(tmp_path)
+    model = midfill.load_model(folder)
+    assert bf16_prompt(model, IDS.numel()) == has_bf16_matrix_units()
+    assert not bf16_prompt(model, 16)  # a decode step or a short draft: the native kernels, float32
+    assert not bf16_prompt(quantize_model(copy.deepcopy(reference), "int8"), IDS.numel())
+    assert not bf16_prompt(reference, IDS.numel())
+    # prefilled in two chunks, the second over the float32 cache the first filled in bf16
+    cache = KVCache.allocate(model.config, batch=1, max_len=IDS.shape[1], dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        model(IDS[:, :18], cache=cache)
+        chunked = model(IDS[:, 18:], cache=cache, last_only=True)[:, -1]
+        whole = model(IDS, last_only=True)[:, -1]
+    torch.testing.assert_close(chunked, whole, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(whole, reference(IDS)[:, -1], rtol=2e-2, atol=2e-2)
 
 
 def test_float32_stays_for_exactness(tmp_path):

@@ -191,7 +191,9 @@ def test_packed_greedy_generation_follows_its_own_logits():
 
 
 def test_embedded_model_keeps_its_predictions_when_packed():
-    """Top-1 next-token agreement with bf16 on held-out standard-library modules (issue 7's quality bar)."""
+    """Top-1 next-token agreement on held-out standard-library modules (issue 7's quality bar) with float32
+    math on the stored bf16 weights. A bf16 prompt on bf16 matrix units rounds its activations (99.0%
+    here either way: products alone in bf16, or attention and MLP too); int8 and int4 round the weights."""
     from midfill.data.installed import stdlib_documents
     from midfill.hub import EMBEDDED_MODEL
     from midfill.tokenizer import load_tokenizer
@@ -200,9 +202,9 @@ def test_embedded_model_keeps_its_predictions_when_packed():
     ids = [i for doc in stdlib_documents(held_out=True) for i in tok.encode(doc.text) + [tok.eot_id]]
     windows = torch.tensor(ids[: 16 * 512]).view(16, 512)
     base = load_model(EMBEDDED_MODEL, dtype="float32")
-    reference = quantize_model(copy.deepcopy(base), "bf16")
+    assert all(torch.equal(p, p.bfloat16().float()) for p in base.parameters())  # so base is the exact reference
     with torch.inference_mode():
-        expected = reference(windows).argmax(-1)
+        expected = base(windows).argmax(-1)
         agreement = {fmt: (quantize_model(copy.deepcopy(base), fmt)(windows).argmax(-1) == expected).float().mean().item()
-                     for fmt in ("int8", "int4")}  # fmt: skip
-    assert agreement["int8"] >= 0.99 and agreement["int4"] >= 0.95, agreement
+                     for fmt in ("bf16", "int8", "int4")}  # fmt: skip
+    assert agreement["bf16"] >= 0.985 and agreement["int8"] >= 0.985 and agreement["int4"] >= 0.95, agreement

@@ -91,7 +91,7 @@ def describe(model: torch.nn.Module) -> dict[str, str]:
         prefill = f"torch {str(model.dtype).removeprefix('torch.')} GEMM"
     elif fmt == "bf16":
         if has_bf16_matrix_units():
-            prefill = "torch bf16 GEMM on the bf16 weights (bf16 matrix units: " + ("AMX)" if "amx_bf16" in native.cpu_flags() else "AVX512-BF16, timed faster than float32 here)")
+            prefill = "bf16 products and attention on the bf16 weights, float32 residual and KV cache (bf16 matrix units: " + ("AMX)" if "amx_bf16" in native.cpu_flags() else "AVX512-BF16, timed faster than float32 here)")
         elif native.has_gemm_bf16():
             prefill = f"native {native.variant()} GEMM, float32 products on bf16 weights widened a block at a time"
         else:

@@ -2,7 +2,8 @@
 
 Decoding one token reads every weight once, so fewer bytes per weight is more tokens per second.
 Activations, norms, attention and the KV cache stay float32: on a CPU that is the fast path, and
-only the weights are approximated. The pure-torch `unpack`, `int8_levels` and `int4_levels` are the
+only the weights are approximated (except a prompt on bf16 weights where the CPU has bf16 matrix
+units: see bf16_prompt). The pure-torch `unpack`, `int8_levels` and `int4_levels` are the
 references that the native kernels (midfill/kernels: decode.c multiplies, pack.c packs) are tested
 against, and the path used where they cannot run.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from midfill.errors import MidfillError
 from midfill.kernels import native
 from midfill.kernels.huge_pages import move_to_huge_pages
-from midfill.model.packed_prefill import bf16_product, int8_product, int8_rows
+from midfill.model.packed_prefill import bf16_product, has_bf16_matrix_units, int8_product, int8_rows
 
 FORMATS = ("bf16", "int8", "int4")
 GROUP = 32  # int4 weights per scale/minimum pair
@@ -167,6 +168,8 @@ class PackedLinear(nn.Module):
         return weight.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "bf16" and x.dtype == torch.bfloat16:  # a prompt's bf16 products (bf16_prompt): as stored
+            return F.linear(x, self.weight)
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, self.unpack().to(x.dtype))
         rows = x.reshape(-1, self.in_features).contiguous()
@@ -187,6 +190,15 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+
+
+def bf16_prompt(model: nn.Module, rows: int) -> bool:
+    """Whether a forward over `rows` token rows runs its products and attention in bf16, keeping the
+    residual stream, norms and KV cache float32: a prompt on bf16-packed weights where the CPU has bf16
+    matrix units. Converting each product's input and output between float32 and bf16 and attending
+    in float32 took half of a 512-token prompt's time beside the products themselves."""
+    return (model.weight_format == "bf16" and model.device.type == "cpu" and model.dtype == torch.float32
+            and rows > NATIVE_MAX_ROWS and has_bf16_matrix_units())  # fmt: skip
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:

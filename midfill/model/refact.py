@@ -15,7 +15,7 @@ from midfill.model.alibi import alibi_slopes, attention_bias
 from midfill.model.config import RefactConfig
 from midfill.model.flex_attention import attend, causal_block_mask
 from midfill.model.kv_cache import KVCache
-from midfill.model.quantize import PackedLinear
+from midfill.model.quantize import PackedLinear, bf16_prompt
 
 FlexBias = tuple[torch.Tensor, BlockMask]  # ALiBi slopes and causal block mask: the flex path's stand-in for a bias
 
@@ -49,7 +49,11 @@ class MultiQueryAttention(nn.Module):
         self.kv = nn.Linear(config.n_embd, 2 * config.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | FlexBias, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | FlexBias, cache: KVCache | None, layer: int, upcast: bool = True
+    ) -> torch.Tensor:
+        """upcast=False (a bf16 prompt, quantize.bf16_prompt) attends in x's dtype with the float32 bias
+        as it is: torch's CPU flash kernel keeps its scores and softmax in float32 anyway."""
         batch, n_tok, n_embd = x.shape
         k, v = self.kv(x).split(self.head_dim, dim=-1)
         if isinstance(bias, tuple):
@@ -60,11 +64,11 @@ class MultiQueryAttention(nn.Module):
             return self.c_proj(out.reshape(batch, n_tok, n_embd))
         q = self.q(x).view(batch, 1, n_tok * self.n_head, self.head_dim)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = (t.to(q.dtype) for t in cache.update(layer, k.to(cache.k.dtype), v.to(cache.k.dtype)))
         k, v = k[:, None], v[:, None]
-        if self.fp32_softmax:
+        if self.fp32_softmax and upcast:
             q, k, v = q.float(), k.float(), v.float()
-        if bias.dtype != q.dtype:  # clamp first, so masked entries stay finite in a narrower dtype
+        if bias.dtype != q.dtype and upcast:  # clamp first, so masked entries stay finite in a narrower dtype
             bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.c_proj(out.to(x.dtype).view(batch, n_tok, n_embd))
@@ -90,10 +94,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | FlexBias, cache: KVCache | None, layer: int, dropout: float = 0.0
+        self, x: torch.Tensor, bias: torch.Tensor | FlexBias, cache: KVCache | None, layer: int, dropout: float = 0.0,
+        products: torch.dtype | None = None,
     ) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.ln_1(x), bias, cache, layer), dropout, self.training)
-        return x + F.dropout(self.mlp(self.ln_2(x)), dropout, self.training)
+        """products: the dtype the attention and MLP compute in when it is not x's (a bf16 prompt)."""
+        narrow = (lambda h: h.to(products)) if products is not None else (lambda h: h)
+        x = x + F.dropout(self.attn(narrow(self.ln_1(x)), bias, cache, layer, products is None), dropout, self.training)
+        return x + F.dropout(self.mlp(narrow(self.ln_2(x))), dropout, self.training)
 
 
 class Transformer(nn.Module):
@@ -167,11 +174,12 @@ class GPTRefactForCausalLM(nn.Module):
         else:
             bias = self.sdpa_bias(input_ids, attention_mask, cache)
 
+        products = torch.bfloat16 if bf16_prompt(self, input_ids.numel()) else None
         x = self.transformer.wte(input_ids).to(self.dtype)  # packed models keep the table narrower
         if hidden_states is not None:
             hidden_states.append(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, bias, cache, layer, self.dropout)
+            x = block(x, bias, cache, layer, self.dropout, products)
             if hidden_states is not None:
                 hidden_states.append(x)
         if cache is not None:
