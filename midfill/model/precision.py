@@ -96,6 +96,8 @@ def describe(model: torch.nn.Module) -> dict[str, str]:
             prefill = f"native {native.variant()} GEMM, float32 products on bf16 weights widened a block at a time"
         else:
             prefill = "torch float32 GEMM, each layer widened in turn (no bf16 matrix units here)"
+    elif has_bf16_matrix_units():
+        prefill = f"bf16 products and attention, float32 residual and KV cache; each {fmt} layer widened to bf16 in turn (bf16 matrix units)"
     else:
         prefill = "torch int8 GEMM, activations as two int8 codes" + ("" if fmt == "int8" else ", each layer widened to int8 in turn")
     return {"weights": weights, "why": precision.reason if precision else "built in memory", "decode": decode, "prefill": prefill}

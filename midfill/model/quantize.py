@@ -168,8 +168,8 @@ class PackedLinear(nn.Module):
         return weight.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "bf16" and x.dtype == torch.bfloat16:  # a prompt's bf16 products (bf16_prompt): as stored
-            return F.linear(x, self.weight)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # a prompt's bf16 products (bf16_prompt)
+            return self.bf16_product(x)
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, self.unpack().to(x.dtype))
         rows = x.reshape(-1, self.in_features).contiguous()
@@ -188,16 +188,25 @@ class PackedLinear(nn.Module):
             y = native.linear_int4(rows, self.weight, self.scale, self.minimum)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 x times these weights in bf16: as stored, or int8 levels (exact in bf16) widened for the
+        call with the scale applied after, or int4 weights widened and rounded to bf16."""
+        if self.fmt == "bf16":
+            return F.linear(x, self.weight)
+        if self.fmt == "int8":
+            return F.linear(x, self.weight.to(torch.bfloat16)).mul_(self.scale.to(torch.bfloat16))
+        return F.linear(x, self.unpack().to(torch.bfloat16))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
 
 
 def bf16_prompt(model: nn.Module, rows: int) -> bool:
     """Whether a forward over `rows` token rows runs its products and attention in bf16, keeping the
-    residual stream, norms and KV cache float32: a prompt on bf16-packed weights where the CPU has bf16
-    matrix units. Converting each product's input and output between float32 and bf16 and attending
+    residual stream, norms and KV cache float32: a prompt on packed weights where the CPU has bf16
+    matrix units (int8/int4 layers are widened to bf16 for the product). Converting each product's input and output between float32 and bf16 and attending
     in float32 took half of a 512-token prompt's time beside the products themselves."""
-    return (model.weight_format == "bf16" and model.device.type == "cpu" and model.dtype == torch.float32
+    return (model.weight_format is not None and model.device.type == "cpu" and model.dtype == torch.float32
             and rows > NATIVE_MAX_ROWS and has_bf16_matrix_units())  # fmt: skip
 
 
