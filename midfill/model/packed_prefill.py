@@ -12,7 +12,9 @@ rows by each weight and is bound by arithmetic, so it goes to the fastest matrix
   GEMMs (VNNI or AMX through oneDNN): on this repo's AVX-512 Xeon 2.3x float32's rate. The
   weights are read as stored.
 - int4: the layer is widened to int8 (one scale per row) in a scratch buffer, then as int8.
-The reference for each is written out in tests/test_precision.py.
+The reference for each is written out in tests/test_precision.py. Where the CPU has bf16 matrix
+units, a whole prompt on packed weights computes in bf16 instead (quantize.bf16_prompt), and these
+float32-input products serve only what stays float32 there (lm_head over every position).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Decoding one token reads every weight once, so fewer bytes per weight is more tokens per second.
 Activations, norms, attention and the KV cache stay float32: on a CPU that is the fast path, and
-only the weights are approximated (except a prompt on bf16 weights where the CPU has bf16 matrix
-units: see bf16_prompt). The pure-torch `unpack`, `int8_levels` and `int4_levels` are the
+only the weights are approximated (except a prompt where the CPU has bf16 matrix units: see
+bf16_prompt). The pure-torch `unpack`, `int8_levels` and `int4_levels` are the
 references that the native kernels (midfill/kernels: decode.c multiplies, pack.c packs) are tested
 against, and the path used where they cannot run.
 """
@@ -204,8 +204,9 @@ class PackedLinear(nn.Module):
 def bf16_prompt(model: nn.Module, rows: int) -> bool:
     """Whether a forward over `rows` token rows runs its products and attention in bf16, keeping the
     residual stream, norms and KV cache float32: a prompt on packed weights where the CPU has bf16
-    matrix units (int8/int4 layers are widened to bf16 for the product). Converting each product's input and output between float32 and bf16 and attending
-    in float32 took half of a 512-token prompt's time beside the products themselves."""
+    matrix units (int8/int4 layers are widened to bf16 for the product). Converting each product's
+    input and output between float32 and bf16 and attending in float32 took half of a 512-token
+    prompt's time beside the products themselves."""
     return (model.weight_format is not None and model.device.type == "cpu" and model.dtype == torch.float32
             and rows > NATIVE_MAX_ROWS and has_bf16_matrix_units())  # fmt: skip
 
