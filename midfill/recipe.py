@@ -102,7 +102,7 @@ class Recipe:
 
 
 EMBEDDED = Recipe(shape=dict(n_embd=384, n_layer=8, n_head=6, n_positions=1024), pretrain_steps=2500, finetune_steps=600)
-CONTINUED = replace(EMBEDDED, pretrain_steps=500, finetune_steps=400, early_dropout=0.0)  # with base= set: 80 minutes on 2 AMX cores
+CONTINUED = replace(EMBEDDED, pretrain_steps=1000, finetune_steps=400, early_dropout=0.0)  # with base= set: ~2 h on 2 AMX cores
 SMALL = Recipe(shape=dict(n_embd=192, n_layer=4, n_head=4, n_positions=1024), pretrain_steps=160, finetune_steps=40,
                micro_batch=8, finetune_examples=4000, eval_per_kind=50, humaneval_tokens=128)
 
