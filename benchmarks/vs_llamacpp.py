@@ -25,7 +25,9 @@ average are taken before every run: each decode is given as a fraction of its bo
 bytes of weights a token reads), and other work on the cores, which slows either engine many
 times over, shows in the report. For bf16, midfill's process also times the prompt's matrix products
 done alone by torch's bf16 kernels (oneDNN; AMX where the CPU has it), right after its own prefill:
-the yardstick that prefill on packed weights is held to.
+the yardstick that prefill on packed weights is held to. midfill's peak RSS is its process's high-water
+mark (VmHWM) after loading, decoding and the prompt, read before that yardstick allocates weights of
+its own (the whole process's peak, yardstick included, is kept in the JSON as process_peak_rss_gb).
 """
 
 from __future__ import annotations
@@ -401,12 +403,14 @@ def midfill_one(folder: Path, prompt_tokens: int, new: int, threads: int) -> dic
     _, decode_d0 = timed_request(engine, [5], new)
     prompt = torch.randint(5, model.config.vocab_size, (prompt_tokens,)).tolist()
     prefill_s, decode_deep = timed_request(engine, prompt, new)
+    peak_rss = int(re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024  # before the yardstick's own weights
     alone = bf16_products_alone(model.config, prompt_tokens) if model.weight_format in (None, "bf16") else None
     return {
         "loaded_as": model.weight_format or str(model.dtype).removeprefix("torch."),
         "weight_bytes_per_token": weight_bytes_per_token(model),
         "load_s": load_s,
         "rss_loaded_gb": rss_loaded / 1e9,
+        "peak_rss_gb": peak_rss / 1e9,
         "decode_d0_tok_s": decode_d0,
         "prefill_tok_s": prompt_tokens / prefill_s,
         "decode_deep_tok_s": decode_deep,
@@ -424,7 +428,7 @@ def midfill_run(fmt: str, folder: Path, args: argparse.Namespace, logs: Path, ro
     )
     if done.returncode:
         return failure(done)
-    return {**json.loads(stem.with_suffix(".json").read_text().splitlines()[-1]), "peak_rss_gb": done.peak_rss_gb}
+    return {**json.loads(stem.with_suffix(".json").read_text().splitlines()[-1]), "process_peak_rss_gb": done.peak_rss_gb}
 
 
 # --- the report -----------------------------------------------------------------------------------

@@ -207,3 +207,13 @@ def test_int4_packing_equals_the_torch_reference(variant):
     error = round_int4(groups, scale.float(), minimum.float())[1].sum()
     reference_error = round_int4(groups, reference_scale.float(), reference_minimum.float())[1].sum()
     assert error <= reference_error * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_widening_to_bf16_equals_the_torch_reference(variant, fmt):
+    """A bf16 prompt's int8 layer is its levels, exactly; an int4 layer is unpack() rounded to bf16: bit for bit."""
+    layer = packed(fmt, 73, 352)
+    out = torch.full((73, 352), float("nan"), dtype=torch.bfloat16)
+    native.widen_bf16(fmt, layer.weight, layer.scale, getattr(layer, "minimum", None), out)
+    reference = (layer.weight if fmt == "int8" else layer.unpack()).to(torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), reference.view(torch.int16))

@@ -129,7 +129,8 @@ def load(variant: Variant) -> ctypes.CDLL:
     lib.midfill_read_bandwidth.restype = f32
     lib.midfill_pack_int8.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.midfill_pack_int4.argtypes = [ptr, i64, ptr, ptr, ptr]
-    lib.midfill_pack_int8.restype = lib.midfill_pack_int4.restype = None
+    lib.midfill_widen_bf16.argtypes = [i64, ptr, ptr, ptr, i64, i64, ptr]
+    lib.midfill_pack_int8.restype = lib.midfill_pack_int4.restype = lib.midfill_widen_bf16.restype = None
     for kernel in ("linear_bf16", "linear_int8", "linear_int4", "attention_one", "decode_block", "gemm_bf16"):
         getattr(lib, f"midfill_{kernel}").restype = ctypes.c_int
     return lib
@@ -224,6 +225,14 @@ def pack_int4(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     packed, scale, minimum = torch.empty(n, 16, dtype=torch.uint8), torch.empty(n, dtype=torch.float16), torch.empty(n, dtype=torch.float16)
     library().midfill_pack_int4(groups.data_ptr(), n, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr())
     return packed, scale, minimum
+
+
+def widen_bf16(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, minimum: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """int8 levels [N, K] (exactly; the row scales are left to the caller) or packed int4 [N, K/2] with
+    float16 scale and minimum [N, K/32] (rounded) as bf16 into out [N, K] (contiguous), pack.c."""
+    pointer = 0 if minimum is None else minimum.data_ptr()
+    library().midfill_widen_bf16(FORMAT_CODES[fmt], weight.data_ptr(), scale.data_ptr(), pointer, *out.shape, out.data_ptr())
+    return out
 
 
 def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

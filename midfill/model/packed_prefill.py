@@ -13,13 +13,15 @@ rows by each weight and is bound by arithmetic, so it goes to the fastest matrix
   weights are read as stored.
 - int4: the layer is widened to int8 (one scale per row) in a scratch buffer, then as int8.
 The reference for each is written out in tests/test_precision.py. Where the CPU has bf16 matrix
-units, a whole prompt on packed weights computes in bf16 instead (quantize.bf16_prompt), and these
+units, a whole prompt on packed weights computes in bf16 instead (quantize.bf16_prompt; int8 and
+int4 layers widened to bf16 in a buffer each thread keeps, widened_bf16), and these
 float32-input products serve only what stays float32 there (lm_head over every position).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import torch
@@ -29,6 +31,7 @@ from midfill.kernels import native
 from midfill.kernels.native import cpu_flags
 
 TIMED_PRODUCT = (256, 2048, 2048)  # rows, K, N: a prompt chunk against a 1.6B-sized layer
+_scratch = threading.local()  # .buffer: this thread's bf16 widening buffer, as large as its largest layer
 
 
 def best_time(product, rows: torch.Tensor, weight: torch.Tensor) -> float:
@@ -87,3 +90,14 @@ def bf16_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return native.gemm_bf16(rows, weight)
     return F.linear(rows, weight.float())
 
+
+
+def widened_bf16(fmt: str, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+    """An int8 (levels, exact) or int4 (rounded) layer as bf16 [N, K] for one product, in a buffer this
+    thread reuses: a fresh one per layer (46 MB for the 1.6B model's gate_up) cost about 20 ms of page
+    faults a layer, and widening int4 through its float32 unpack took half of a prompt's time."""
+    n_out, n_in = weight.shape[0], weight.shape[1] * (2 if fmt == "int4" else 1)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < n_out * n_in:
+        buffer = _scratch.buffer = torch.empty(n_out * n_in, dtype=torch.bfloat16)
+    return native.widen_bf16(fmt, weight, scale, minimum, buffer[: n_out * n_in].view(n_out, n_in))

@@ -20,7 +20,7 @@ from torch import nn
 from midfill.errors import MidfillError
 from midfill.kernels import native
 from midfill.kernels.huge_pages import move_to_huge_pages
-from midfill.model.packed_prefill import bf16_product, has_bf16_matrix_units, int8_product, int8_rows
+from midfill.model.packed_prefill import bf16_product, has_bf16_matrix_units, int8_product, int8_rows, widened_bf16
 
 FORMATS = ("bf16", "int8", "int4")
 GROUP = 32  # int4 weights per scale/minimum pair
@@ -193,9 +193,12 @@ class PackedLinear(nn.Module):
         call with the scale applied after, or int4 weights widened and rounded to bf16."""
         if self.fmt == "bf16":
             return F.linear(x, self.weight)
-        if self.fmt == "int8":
-            return F.linear(x, self.weight.to(torch.bfloat16)).mul_(self.scale.to(torch.bfloat16))
-        return F.linear(x, self.unpack().to(torch.bfloat16))
+        if native.available():
+            weight = widened_bf16(self.fmt, self.weight, self.scale, getattr(self, "minimum", None))
+        else:
+            weight = (self.weight if self.fmt == "int8" else self.unpack()).to(torch.bfloat16)
+        y = F.linear(x, weight)
+        return y.mul_(self.scale.to(torch.bfloat16)) if self.fmt == "int8" else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
