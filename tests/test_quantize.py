@@ -93,7 +93,7 @@ def test_quantize_model_keeps_packed_dtypes_and_widens_sensitive_layers():
     bf16 = quantize_model(tiny_model(), "bf16")
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     int8 = quantize_model(tiny_model(), "int8")
-    assert int8.lm_head.fmt == "bf16" and int8.transformer.h[0].mlp.c_proj.fmt == "bf16"
+    assert int8.lm_head.fmt == "int8" and int8.transformer.h[0].mlp.c_proj.fmt == "bf16"
     assert int8.transformer.h[1].mlp.c_proj.fmt == "int8"
     assert model.num_parameters() == tiny_model(n_layer=3).num_parameters()
 
