@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import midfill
+from midfill.model import KVCache, refact
 from midfill.model.alibi import alibi_slopes
 from tests.helpers import tiny_model
 
@@ -96,3 +97,30 @@ def test_batched_generation_with_left_padding_equals_one_by_one():
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     batched = midfill.generate(model, ids, max_new_tokens=12, attention_mask=mask, stop_ids=[])
     assert batched == [midfill.generate(model, p, max_new_tokens=12, stop_ids=[]) for p in prompts]
+
+
+def test_long_inputs_attend_in_query_blocks_as_in_one_call(monkeypatch):
+    """causal_attention splits a long input into query blocks, each against the keys up to its own
+    last token: with blocks of 4 tokens (a ragged last one), over rows with different cached lengths
+    and over left padding, the logits are those of one call; and they match float64."""
+    model = tiny_model(n_head=4, n_embd=64)
+    gen = torch.Generator().manual_seed(11)
+    first, rest = torch.randint(1, 512, (2, 9), generator=gen), torch.randint(1, 512, (2, 13), generator=gen)
+    padded = torch.cat([first, rest], dim=1)
+    mask = torch.ones_like(padded)
+    mask[0, :3] = 0
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = KVCache.allocate(model.config, 2, 32, torch.float32, "cpu")
+        with torch.no_grad():
+            model(first[:1, :5], cache=cache.rows(0, 1))  # row 0 holds 5 tokens, row 1 holds 9
+            model(first[1:], cache=cache.rows(1, 2))
+            return model(rest, cache=cache), model(padded, attention_mask=mask)
+
+    whole = run()
+    monkeypatch.setattr(refact, "QUERY_BLOCK", 4)
+    blocked = run()
+    assert (blocked[0] - whole[0]).abs().max().item() <= 1e-5
+    assert (blocked[1][0, 3:] - whole[1][0, 3:]).abs().max().item() <= 1e-5
+    assert (blocked[1][1] - whole[1][1]).abs().max().item() <= 1e-5
+    assert (blocked[1][1].double() - float64_forward(model, padded[1:])).abs().max().item() <= 1e-4

@@ -18,6 +18,27 @@ from midfill.model.kv_cache import KVCache
 from midfill.model.quantize import PackedLinear, bf16_prompt
 
 FlexBias = tuple[torch.Tensor, BlockMask]  # ALiBi slopes and causal block mask: the flex path's stand-in for a bias
+QUERY_BLOCK = 128  # tokens of a long input attended per call, each block against the keys up to its own last token
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, n_head: int) -> torch.Tensor:
+    """SDPA of q [B, 1, T*H, hd] (heads folded into rows) against k, v [B, 1, S, hd], the last T keys
+    being the queries' own tokens, in blocks of QUERY_BLOCK tokens that skip the keys after each block.
+
+    An explicit bias leaves the kernel no causal structure to exploit, so one call over a whole
+    512-token prompt spends half its work on keys every query is masked from; in four blocks that
+    share is an eighth (the 1.6B shape on 2 Zen 4 cores: 16 -> 11 ms a layer). Hidden keys weigh
+    exactly zero, so only the summation order of the kernel's blocks changes.
+    """
+    n_tok, span = q.shape[2] // n_head, k.shape[2]
+    if n_tok <= QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    outs = []
+    for start in range(0, n_tok, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, n_tok)
+        keys, rows = span - n_tok + stop, slice(start * n_head, stop * n_head)
+        outs.append(F.scaled_dot_product_attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], attn_mask=bias[:, :, rows, :keys]))
+    return torch.cat(outs, dim=2)
 
 
 class LayerNormNoBias(nn.Module):
@@ -70,7 +91,7 @@ class MultiQueryAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         if bias.dtype != q.dtype and upcast:  # clamp first, so masked entries stay finite in a narrower dtype
             bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = causal_attention(q, k, v, bias, self.n_head)
         return self.c_proj(out.to(x.dtype).view(batch, n_tok, n_embd))
 
 
