@@ -34,4 +34,4 @@ def attention_bias(slopes: torch.Tensor, query_pos: torch.Tensor, key_mask: torc
     distance = (query_pos[:, :, None] - k_pos).to(torch.float32)  # [B, T, S]
     bias = -distance[:, :, None, :] * slopes.to(key_mask.device)[:, None]  # [B, T, H, S]
     visible = (k_pos <= query_pos[:, :, None]) & key_mask.bool()[:, None, :]  # [B, T, S]
-    return bias.masked_fill(~visible[:, :, None, :], torch.finfo(torch.float32).min)
+    return bias.masked_fill_(~visible[:, :, None, :], torch.finfo(torch.float32).min)  # in place: a 512-token prompt's bias is 32 MB
