@@ -491,16 +491,16 @@ ALWAYS_INLINE void attend_heads(const float *qv, const float *keys, const float 
     int64_t j = 0;
     for (; j + KB <= S; j += KB) {
         __m256 a[8];
-        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8)
-            for (int kb = 0; kb < KB; kb++) {
+        UNROLL for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        UNROLL for (int d = 0; d < D; d += 8)
+            UNROLL for (int kb = 0; kb < KB; kb++) {
                 __m256 kd = _mm256_loadu_ps(keys + (j + kb) * D + d);
-                for (int g = 0; g < G; g++) a[g * KB + kb] = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + d), kd, a[g * KB + kb]);
+                UNROLL for (int g = 0; g < G; g++) a[g * KB + kb] = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + d), kd, a[g * KB + kb]);
             }
         float sums[8];
         _mm256_storeu_ps(sums, hsum8x8(a));
-        for (int g = 0; g < G; g++)
-            for (int kb = 0; kb < KB; kb++) p[g * padded + j + kb] = sums[g * KB + kb] * scale + bv[g * S + j + kb];
+        UNROLL for (int g = 0; g < G; g++)
+            UNROLL for (int kb = 0; kb < KB; kb++) p[g * padded + j + kb] = sums[g * KB + kb] * scale + bv[g * S + j + kb];
     }
     for (; j < S; j++)
         for (int g = 0; g < G; g++) {
@@ -512,14 +512,14 @@ ALWAYS_INLINE void attend_heads(const float *qv, const float *keys, const float 
     for (int g = 0; g < G; g++) inverse[g] = softmax_unnormalized(p + g * padded, S);
     for (int block = 0; block < D / 8; block += DB) {
         __m256 acc[8];
-        for (int i = 0; i < G * DB; i++) acc[i] = _mm256_setzero_ps();
+        UNROLL for (int i = 0; i < G * DB; i++) acc[i] = _mm256_setzero_ps();
         for (j = 0; j < S; j++)
-            for (int db = 0; db < DB && block + db < D / 8; db++) {
+            UNROLL for (int db = 0; db < DB && block + db < D / 8; db++) {
                 __m256 vd = _mm256_loadu_ps(values + j * D + 8 * (block + db));
-                for (int g = 0; g < G; g++) acc[g * DB + db] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * padded + j]), vd, acc[g * DB + db]);
+                UNROLL for (int g = 0; g < G; g++) acc[g * DB + db] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * padded + j]), vd, acc[g * DB + db]);
             }
-        for (int g = 0; g < G; g++)
-            for (int db = 0; db < DB && block + db < D / 8; db++)
+        UNROLL for (int g = 0; g < G; g++)
+            UNROLL for (int db = 0; db < DB && block + db < D / 8; db++)
                 _mm256_storeu_ps(o + g * D + 8 * (block + db), _mm256_mul_ps(acc[g * DB + db], _mm256_set1_ps(inverse[g])));
     }
 }
