@@ -434,9 +434,11 @@ def midfill_run(fmt: str, folder: Path, args: argparse.Namespace, logs: Path, ro
 # --- the report -----------------------------------------------------------------------------------
 
 
-def mean(runs: list[dict], key: str) -> float | None:
+def median(runs: list[dict], key: str) -> float | None:
+    """The median over the rounds: on a machine whose bandwidth swings 2x between processes (a Zen 4 VM
+    read 29-66 GB/s), one slow run moves a mean by a third; with --rounds 3 or more the median is robust."""
     values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.mean(values) if values else None
+    return statistics.median(values) if values else None
 
 
 def add_fractions(runs: list[dict], weight_bytes: float | None) -> None:
@@ -447,8 +449,8 @@ def add_fractions(runs: list[dict], weight_bytes: float | None) -> None:
 
 
 def summarize(fmt: str, midfill: list[dict], llama: dict[str, list[dict]], stats: dict, main: str) -> dict:
-    """One format's means over the rounds, both engines, and midfill's over llama.cpp's."""
-    weight_bytes = mean(midfill, "weight_bytes_per_token")
+    """One format's medians over the rounds, both engines, and midfill's over llama.cpp's."""
+    weight_bytes = median(midfill, "weight_bytes_per_token")
     add_fractions(midfill, weight_bytes)
     for runs in llama.values():
         add_fractions(runs, stats["weight_bytes_per_token"])
@@ -456,7 +458,7 @@ def summarize(fmt: str, midfill: list[dict], llama: dict[str, list[dict]], stats
         "format": fmt,
         "gguf": GGUF_TYPES[fmt],
         "midfill_loaded_as": next((r["loaded_as"] for r in midfill if "loaded_as" in r), None),
-        "midfill_rss_loaded_gb": mean(midfill, "rss_loaded_gb"),
+        "midfill_rss_loaded_gb": median(midfill, "rss_loaded_gb"),
         "midfill_weight_gb_per_token": weight_bytes and weight_bytes / 1e9,
         "llamacpp_weight_gb_per_token": stats["weight_bytes_per_token"] / 1e9,
         "gguf_tensor_types": stats["tensor_types"],
@@ -466,9 +468,9 @@ def summarize(fmt: str, midfill: list[dict], llama: dict[str, list[dict]], stats
         },
     }
     for key, _, _ in MEASURES:
-        ours, theirs = mean(midfill, key), mean(llama[main], key)
+        ours, theirs = median(midfill, key), median(llama[main], key)
         row[f"midfill_{key}"], row[f"llamacpp_{key}"] = ours, theirs
-        row[f"llamacpp_repack0_{key}"] = mean(llama[NO_REPACK], key)
+        row[f"llamacpp_repack0_{key}"] = median(llama[NO_REPACK], key)
         row[f"ratio_{key}"] = ours / theirs if ours is not None and theirs is not None else None
     return row
 
@@ -480,7 +482,7 @@ def cell(value: float | None, form: str) -> str:
 def table(rows: list[dict], args: argparse.Namespace, main: str, readings: list[dict]) -> Table:
     bandwidth, load = [r["bandwidth_gb_s"] for r in readings], [r["load_1min"] for r in readings]
     grid = Table(
-        title=f"midfill vs llama.cpp ({main}): Refact-1.6B shape, {args.threads} threads, means of {args.rounds} rounds",
+        title=f"midfill vs llama.cpp ({main}): Refact-1.6B shape, {args.threads} threads, medians of {args.rounds} rounds",
         caption=f"read bandwidth {statistics.median(bandwidth):.1f} GB/s, median of {len(bandwidth)} readings "
         f"({min(bandwidth):.1f}-{max(bandwidth):.1f}); read bound = bandwidth / weight bytes per token; "
         f"load average before the runs {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores",
