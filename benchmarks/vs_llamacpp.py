@@ -398,7 +398,9 @@ def midfill_one(folder: Path, prompt_tokens: int, new: int, threads: int) -> dic
     model = load_model(folder)
     load_s = time.perf_counter() - start
     rss_loaded = int(re.search(r"VmRSS:\s*(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-    engine = Engine(model, None, max_batch=1, ctx=prompt_tokens + new + 1, prefix_cache_mb=0)
+    # no prompt-lookup speculation: llama-bench decodes a token a pass, and a random model's repetitive
+    # text would have drafts accepted (or rejected) that say nothing of the decode kernels
+    engine = Engine(model, None, max_batch=1, ctx=prompt_tokens + new + 1, prefix_cache_mb=0, speculate=False)
     timed_request(engine, list(range(5, 37)), 4)  # warm up, as llama-bench does
     _, decode_d0 = timed_request(engine, [5], new)
     prompt = torch.randint(5, model.config.vocab_size, (prompt_tokens,)).tolist()
