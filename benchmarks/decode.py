@@ -135,7 +135,9 @@ def measure(
     bandwidth = Bandwidth()
     bandwidth.measure(passes=2)  # warm both readers
     prompt = torch.randint(0, model.config.vocab_size, (prompt_tokens,)).tolist()
-    engine = Engine(model, None, max_batch=1, prefix_cache_mb=0)  # the serving engine, stepped from here
+    # the serving engine, stepped from here; a token a pass (no prompt-lookup drafts: on random weights
+    # they would be accepted or rejected by chance, and this measures the kernels against the bound)
+    engine = Engine(model, None, max_batch=1, prefix_cache_mb=0, speculate=False)
     engine.submit(GenerationRequest(prompt, new_tokens + 1, stop_ids=frozenset(), cache_prompt=False), lambda event: None)
 
     start = time.perf_counter()
