@@ -33,6 +33,7 @@ its own (the whole process's peak, yardstick included, is kept in the JSON as pr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -56,7 +57,7 @@ from midfill.engine.request import GenerationRequest
 from midfill.engine.scheduler import Engine
 from midfill.hub import EMBEDDED_MODEL
 from midfill.kernels import native
-from midfill.model import GPTRefactForCausalLM, RefactConfig
+from midfill.model import GPTRefactForCausalLM, RefactConfig, quantize
 from midfill.model.checkpoint import load_model, save_model
 from midfill.model.quantize import weight_bytes_per_token
 
@@ -292,6 +293,12 @@ def make_gguf(kind: str, folder: Path, tree: Path, bins: Path, python: Path) -> 
     return target
 
 
+def packing_version() -> str:
+    """A digest of the code that lays packed weights out, so a copy made by other code is made again."""
+    sources = [Path(quantize.__file__), *native.SOURCES]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
+
+
 def midfill_checkpoint(fmt: str, folder: Path) -> Path:
     """The folder midfill loads for `fmt`: the bf16 checkpoint itself, or a copy packed once by `midfill quantize`.
 
@@ -300,7 +307,7 @@ def midfill_checkpoint(fmt: str, folder: Path) -> Path:
     """
     if fmt == "bf16":
         return folder
-    packed = folder / f"midfill-{fmt}"
+    packed = folder / f"midfill-{fmt}-{packing_version()}"
     if not (packed / "config.json").is_file():
         command = [sys.executable, "-m", "midfill", "quantize", "--model", folder, "--format", fmt, "--out", packed]
         run(command, f"midfill quantize {folder.name} -> {fmt}", folder / f"midfill-quantize-{fmt}.log")
