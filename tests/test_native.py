@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from midfill.errors import MidfillError
 from midfill.kernels import native
-from midfill.model import KVCache
+from midfill.model import KVCache, packed_prefill
 from midfill.model.decode_step import decode_one, native_blocks
 from midfill.model.quantize import FORMATS, GROUP, PackedLinear, int4_levels, int8_levels, quantize_model, round_int4
 
@@ -217,3 +217,17 @@ def test_widening_to_bf16_equals_the_torch_reference(variant, fmt):
     native.widen_bf16(fmt, layer.weight, layer.scale, getattr(layer, "minimum", None), out)
     reference = (layer.weight if fmt == "int8" else layer.unpack()).to(torch.bfloat16)
     assert torch.equal(out.view(torch.int16), reference.view(torch.int16))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_prompt_product_widened_in_tiles_equals_the_whole_layer_widened(variant, fmt, monkeypatch):
+    """widened_bf16_product widens a few rows at a time (here 5 tiles, the last one short): every output
+    column equals the product with the whole layer widened at once, and no tile is skipped."""
+    layer = packed(fmt, 73, 352)
+    monkeypatch.setattr(packed_prefill, "WIDEN_TILE_BYTES", 16 * 352 * 2)
+    monkeypatch.setattr(packed_prefill._scratch, "buffer", None, raising=False)
+    x = torch.randn(2, 24, 352).bfloat16()
+    tiled = packed_prefill.widened_bf16_product(x, fmt, layer.weight, layer.scale, getattr(layer, "minimum", None))
+    whole = F.linear(x, (layer.weight if fmt == "int8" else layer.unpack()).to(torch.bfloat16))
+    assert tiled.shape == (2, 24, 73)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=0)

@@ -20,7 +20,7 @@ from torch import nn
 from midfill.errors import MidfillError
 from midfill.kernels import native
 from midfill.kernels.huge_pages import move_to_huge_pages
-from midfill.model.packed_prefill import bf16_product, has_bf16_matrix_units, int8_product, int8_rows, widened_bf16
+from midfill.model.packed_prefill import bf16_product, has_bf16_matrix_units, int8_product, int8_rows, widened_bf16_product
 
 FORMATS = ("bf16", "int8", "int4")
 GROUP = 32  # int4 weights per scale/minimum pair
@@ -197,10 +197,9 @@ class PackedLinear(nn.Module):
         if self.fmt == "bf16":
             return F.linear(x, self.weight)
         if native.available():
-            weight = widened_bf16(self.fmt, self.weight, self.scale, getattr(self, "minimum", None))
+            y = widened_bf16_product(x, self.fmt, self.weight, self.scale, getattr(self, "minimum", None))
         else:
-            weight = (self.weight if self.fmt == "int8" else self.unpack()).to(torch.bfloat16)
-        y = F.linear(x, weight)
+            y = F.linear(x, (self.weight if self.fmt == "int8" else self.unpack()).to(torch.bfloat16))
         return y.mul_(self.scale.to(torch.bfloat16)) if self.fmt == "int8" else y
 
     def extra_repr(self) -> str:
