@@ -234,7 +234,9 @@ def materialize(
             state[f"{prefix}.{name}"] = next(places).copy_(values.pop(name))
     for name, stored in tensors.items():
         keep = name == "transformer.wte.weight" and precision.packed is not None and stored.dtype.is_floating_point
-        state[name] = stored.read().to(device=device, dtype=stored.dtype if keep else precision.dtype)
+        # the rest copied, not left as views of the file: each view keeps a mapping of its own, where a page
+        # fault maps the 64 KB around it (the 1.6B model's 65 norms held 15 MB resident for 0.5 MB of values)
+        state[name] = stored.read().to(device=device, dtype=stored.dtype if keep else precision.dtype, copy=not keep)
     return state
 
 
