@@ -104,9 +104,9 @@ def widened_bf16_product(
     float32 unpack took half of a prompt's time."""
     n_out, n_in = weight.shape[0], weight.shape[1] * (2 if fmt == "int4" else 1)
     tile = max(1, WIDEN_TILE_BYTES // (2 * n_in))
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < min(tile, n_out) * n_in:
-        buffer = _scratch.buffer = torch.empty(max(WIDEN_TILE_BYTES // 2, tile * n_in), dtype=torch.bfloat16)
+    need, buffer = min(tile, n_out) * n_in, getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < need:  # one tile's worth at once, not regrown layer by layer
+        buffer = _scratch.buffer = torch.empty(max(need, WIDEN_TILE_BYTES // 2), dtype=torch.bfloat16)
     y = x.new_empty(*x.shape[:-1], n_out)
     for start in range(0, n_out, tile):
         rows = slice(start, min(start + tile, n_out))
