@@ -1,6 +1,11 @@
 """Packed weight formats, the native kernels against their torch reference, and the lean decode step."""
 
 import copy
+import ctypes
+import mmap
+import os
+import sys
+import time
 
 import pytest
 import torch
@@ -107,6 +112,33 @@ def test_packed_weights_lie_end_to_end_on_one_huge_page_aligned_block(tmp_path):
         assert addresses == sorted(addresses) and addresses[0] % HUGE_PAGE == 0  # in the order a token reads them
         assert all(a % 64 == 0 for a in addresses)
         assert all(torch.equal(t, reference[name]) for name, t in model.state_dict().items())
+
+
+def resident_fraction(tensor: torch.Tensor) -> float:
+    """How much of a file-mapped tensor's pages the page cache holds (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    pages = -(-(tensor.data_ptr() + tensor.nbytes - start) // mmap.PAGESIZE)
+    flags = ctypes.create_string_buffer(pages)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * mmap.PAGESIZE), flags) == 0
+    return sum(b & 1 for b in flags.raw) / pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache advice and mincore are Linux's")
+def test_the_mapped_embedding_is_read_into_the_page_cache_as_it_loads(tmp_path):
+    file = save_model(quantize_model(tiny_model(vocab_size=65536, n_embd=256), "int8"), tmp_path) / "model.safetensors"
+    quantized = load_model(tmp_path)  # int8 keeps the bf16 embedding as a view of the file
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if resident_fraction(quantized.transformer.wte.weight) > 0.1:
+        pytest.skip("this file system keeps the file in memory: there is no page cache to fill")
+    del quantized
+    embedding = load_model(tmp_path).transformer.wte.weight
+    deadline = time.monotonic() + 30  # the reads were only asked for: they land in the background
+    while resident_fraction(embedding) < 0.9 and time.monotonic() < deadline:  # 64 MB: past loading's own read-ahead
+        time.sleep(0.05)
+    assert resident_fraction(embedding) > 0.9
 
 
 def test_wider_layers_match_whole_names():

@@ -1,4 +1,5 @@
-"""Tensors on 2 MiB pages, for the weights that every decoded token streams through.
+"""Tensors on 2 MiB pages, for the weights that every decoded token streams through; and read-ahead
+for the file-mapped tensors that stay on disk until a token needs them.
 
 A token reads every weight once. On ordinary 4 KiB pages that stream needs a new address
 translation every 4 KiB, and the page walks cost bandwidth; Linux backs memory with 2 MiB
@@ -12,14 +13,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import mmap
 import sys
 
 import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
+MADV_WILLNEED = 3  # Linux <sys/mman.h>
+MADV_HUGEPAGE = 14
 ALIGN = 64  # each tensor starts on a cache line
+READ_AHEAD_CHUNK = 2 << 20
 
 
 @functools.cache
@@ -34,6 +38,22 @@ def _madvise():
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
     return madvise
+
+
+def read_ahead(tensor: torch.Tensor) -> None:
+    """Ask the OS to read a file-mapped tensor's pages into the page cache now, in the background.
+
+    The embedding table stays a view of the checkpoint file (a prompt gathers a few of its rows), so
+    without this every token not seen before waits on a disk read: measured on a 1.6B checkpoint
+    whose file had left the page cache, the first request after load took 0.5-1.7 s on some steps.
+    The pages go to the page cache, not to this process: its resident memory does not grow.
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu":
+        return
+    start, end = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE, tensor.data_ptr() + tensor.nbytes
+    for chunk in range(start, end, READ_AHEAD_CHUNK):  # Linux reads at most its read-ahead window a call
+        madvise(chunk, min(READ_AHEAD_CHUNK, end - chunk), MADV_WILLNEED)
 
 
 def huge_page_bytes(nbytes: int) -> torch.Tensor:
