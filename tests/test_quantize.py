@@ -127,7 +127,7 @@ def resident_fraction(tensor: torch.Tensor) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache advice and mincore are Linux's")
 def test_the_mapped_embedding_is_read_into_the_page_cache_as_it_loads(tmp_path):
     file = save_model(quantize_model(tiny_model(vocab_size=65536, n_embd=256), "int8"), tmp_path) / "model.safetensors"
-    quantized = load_model(tmp_path)  # int8 keeps the bf16 embedding as a view of the file
+    quantized = load_model(tmp_path)  # packed weights keep the float embedding as a view of the file
     with open(file, "rb") as f:
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
