@@ -120,7 +120,24 @@ def test_long_inputs_attend_in_query_blocks_as_in_one_call(monkeypatch):
     whole = run()
     monkeypatch.setattr(refact, "QUERY_BLOCK", 4)
     blocked = run()
+    cache = KVCache.allocate(model.config, 2, 32, torch.float32, "cpu")
+    cache.advance(9)  # each block's bias covers the keys up to its own last token, no further
+    shapes = [tuple(b.shape) for b in model.block_biases(rest, None, cache)]
+    assert shapes == [(2, 1, 4 * 4, 9 + 4), (2, 1, 4 * 4, 9 + 8), (2, 1, 4 * 4, 9 + 12), (2, 1, 1 * 4, 9 + 13)]
     assert (blocked[0] - whole[0]).abs().max().item() <= 1e-5
     assert (blocked[1][0, 3:] - whole[1][0, 3:]).abs().max().item() <= 1e-5
     assert (blocked[1][1] - whole[1][1]).abs().max().item() <= 1e-5
     assert (blocked[1][1].double() - float64_forward(model, padded[1:])).abs().max().item() <= 1e-4
+
+
+def test_the_mlp_without_autograd_equals_it_with_autograd():
+    """Without autograd SwiGLU overwrites its gate half in place; the values are those of the autograd path,
+    bit for bit, and that path still trains."""
+    mlp = tiny_model().transformer.h[0].mlp
+    x = torch.randn(2, 5, mlp.gate_up_proj.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        inplace = mlp(x)
+    trained = mlp(x)
+    trained.sum().backward()
+    assert torch.equal(inplace, trained.detach())
+    assert mlp.gate_up_proj.weight.grad.abs().sum() > 0

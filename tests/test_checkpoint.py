@@ -197,3 +197,16 @@ def test_save_model_writes_atomically_and_round_trips(tmp_path, reference):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     with torch.no_grad():
         assert torch.equal(midfill.load_model(tmp_path)(IDS), expected)
+
+
+def test_loading_imports_no_compiler_stack(tmp_path, reference):
+    """Building the network to load into runs no default init: on the meta device nn.Embedding's normal_
+    goes through torch._refs, which imports torch._dynamo and sympy (~70 MB resident for a server's life)."""
+    import subprocess
+    import sys
+
+    save_model(reference[0], tmp_path / "m")
+    script = ("import sys, midfill; midfill.load_model(sys.argv[1]); "
+              "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from midfill.errors import MidfillError
 from midfill.files import atomic_path
@@ -25,6 +26,17 @@ from midfill.model.config import RefactConfig
 from midfill.model.precision import Precision, choose_precision, parse_dtype
 from midfill.model.quantize import PackedLinear, check_format, empty_packed, linear_layers
 from midfill.model.refact import GPTRefactForCausalLM
+
+
+class SkippedInit(TorchFunctionMode):
+    """Skips torch.nn.init calls while a network that is about to be given its weights is built. On the
+    meta device nn.Embedding's normal_ runs through torch._refs, which imports torch._dynamo and sympy:
+    ~70 MB resident for the life of a server, and a second of loading, to initialize nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]  # every init function's first parameter
+        return func(*args, **(kwargs or {}))
 
 
 def parse_device(name: str | torch.device) -> torch.device:
@@ -195,7 +207,7 @@ def load_model(
         check_format(quantize)
     tensors, source = read_weights(folder)
     tensors = adapt_layout(tensors)
-    with torch.device("meta"):
+    with torch.device("meta"), SkippedInit():
         model = GPTRefactForCausalLM(config)
     if stored is not None:
         empty_packed(model, stored)
