@@ -84,3 +84,11 @@ def serve_subprocess(folder: Path) -> Iterator[tuple[str, subprocess.Popen, Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def rounded_per_group(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as decode.c's int4 path rounds activations: int8 codes, one scale per group of 32 values."""
+    groups = x.view(*x.shape[:-1], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    codes = torch.round(groups * torch.where(amax > 0, 127 / amax, 0))
+    return (codes * (amax / 127)).view(x.shape)

@@ -4,16 +4,18 @@
  * One decoded token multiplies one activation row by every weight matrix, so the speed is the
  * speed at which weights stream from memory. The matrix loops read each weight byte once for up to
  * MAX_ROWS activation rows (a batch of sequences, or the drafted tokens of a speculative step) and
- * widen it in registers: bf16 to float32 for FMA; int8 and int4 to int16 for a multiply-add of pairs
- * against activations rounded to int16 (see quantize_rows). bf16 stays exact: a bf16 dot product
- * instruction (AVX512-BF16) would round the float32 activations to bf16 as well.
+ * widen it in registers: bf16 to float32 for FMA; int8 to int16 for a multiply-add of pairs against
+ * activations rounded to int16 (see quantize_rows); int4 nibbles to bytes for a multiply-add of
+ * quadruples against activations rounded to int8 per group of 32 (see quantize_groups). bf16 stays
+ * exact: a bf16 dot product instruction (AVX512-BF16) would round the float32 activations to bf16 as well.
  *
  * native.py compiles this file once per instruction set, with different flags, and loads the best
  * one the CPU runs. Only the vector layer below differs between them; the kernels are written once:
  *   avx2        256-bit vectors (AVX2, FMA, F16C);
- *   avx512      512-bit vectors (AVX-512 F/BW/VL), pairs of int16 products as vpmaddwd + vpaddd;
- *   avx512vnni  the same with one vpdpwssd per pair product (AVX512-VNNI): integer sums, so its
- *               results are bit for bit those of avx512.
+ *   avx512      512-bit vectors (AVX-512 F/BW/VL), pairs of int16 products as vpmaddwd + vpaddd, quadruples
+ *               of byte products as vpmaddubsw + vpmaddwd + vpaddd;
+ *   avx512vnni  the same with one vpdpwssd or vpdpbusd each (AVX512-VNNI): integer sums, so its results
+ *               are bit for bit those of avx512.
  * Every output is the same operations in the same order however many rows the call has and however
  * outputs are grouped, so a row's result does not depend on the batch around it, bit for bit.
  * Output rows are split across the OpenMP threads of the process (torch's own runtime, when torch
@@ -68,19 +70,24 @@ static inline vfloat vf_halves(const uint16_t *p) { return _mm512_cvtph_ps(_mm25
 static inline vint vi_zero(void) { return _mm512_setzero_si512(); }
 static inline vint vi_load(const void *p) { return _mm512_loadu_si512(p); }
 static inline vint vi_widen_int8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-static inline vint vi_low_nibbles(vint v) { return _mm512_and_si512(v, _mm512_set1_epi16(0x000F)); }
-#define vi_shift16(v, bits) _mm512_srli_epi16(v, bits)
+static inline vint vi_low_nibbles(vint v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+static inline vint vi_high_nibbles(vint v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
 #define vi_shift32(v, bits) _mm512_slli_epi32(v, bits)
 static inline vint vi_and(vint a, vint b) { return _mm512_and_si512(a, b); }
 static inline vint vi_set32(int value) { return _mm512_set1_epi32(value); }
 static inline vfloat vf_cast(vint v) { return _mm512_castsi512_ps(v); }
-static inline vint vi_madd(vint a, vint b) { return _mm512_madd_epi16(a, b); }
+static inline vfloat vf_mul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 #ifdef __AVX512VNNI__
 #define ISA "avx512vnni"
 static inline vint vi_dot(vint acc, vint a, vint b) { return _mm512_dpwssd_epi32(acc, a, b); }
+static inline vint vi_dot_bytes(vint acc, vint u, vint s) { return _mm512_dpbusd_epi32(acc, u, s); }
 #else
 #define ISA "avx512"
 static inline vint vi_dot(vint acc, vint a, vint b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+/* Two products of u8 x s8 fit an int16 unsaturated here (|15 * 127 * 2| < 32767): vpdpbusd's sums exactly. */
+static inline vint vi_dot_bytes(vint acc, vint u, vint s) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
 #endif
 /* The float16 scales of the four groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
 static inline vfloat vf_group_scales(const uint16_t *p) {
@@ -104,14 +111,17 @@ static inline vfloat vf_halves(const uint16_t *p) { return _mm256_cvtph_ps(_mm_l
 static inline vint vi_zero(void) { return _mm256_setzero_si256(); }
 static inline vint vi_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline vint vi_widen_int8(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
-static inline vint vi_low_nibbles(vint v) { return _mm256_and_si256(v, _mm256_set1_epi16(0x000F)); }
-#define vi_shift16(v, bits) _mm256_srli_epi16(v, bits)
+static inline vint vi_low_nibbles(vint v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+static inline vint vi_high_nibbles(vint v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 #define vi_shift32(v, bits) _mm256_slli_epi32(v, bits)
 static inline vint vi_and(vint a, vint b) { return _mm256_and_si256(a, b); }
 static inline vint vi_set32(int value) { return _mm256_set1_epi32(value); }
 static inline vfloat vf_cast(vint v) { return _mm256_castsi256_ps(v); }
-static inline vint vi_madd(vint a, vint b) { return _mm256_madd_epi16(a, b); }
+static inline vfloat vf_mul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 static inline vint vi_dot(vint acc, vint a, vint b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+static inline vint vi_dot_bytes(vint acc, vint u, vint s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
 /* The float16 scales of the two groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
 static inline vfloat vf_group_scales(const uint16_t *p) {
     int32_t bits;
@@ -155,20 +165,17 @@ static float *split_even_odd(const float *x, int64_t M, int64_t K) {
 typedef struct {
     int16_t *q;     /* [M, K], rows row_stride(K) apart */
     float *scale;   /* [M]: x ~= q * scale */
-    float *sums;    /* [M, K / GROUP]: group sums of x, for the int4 minimum term */
 } Rows;
 
 static void free_rows(Rows *rows) {
     free(rows->q);
     free(rows->scale);
-    free(rows->sums);
 }
 
 static int quantize_rows(const float *x, int64_t M, int64_t K, Rows *rows) {
     rows->q = cache_aligned(M * row_stride(K) * sizeof(int16_t));
     rows->scale = malloc(M * sizeof(float));
-    rows->sums = cache_aligned(M * (K / GROUP) * sizeof(float));
-    if (!rows->q || !rows->scale || !rows->sums) return free_rows(rows), -1;
+    if (!rows->q || !rows->scale) return free_rows(rows), -1;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
@@ -186,29 +193,72 @@ static int quantize_rows(const float *x, int64_t M, int64_t K, Rows *rows) {
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
             _mm256_storeu_si256((__m256i *)(rows->q + m * row_stride(K) + k), packed);
         }
-        for (int64_t g = 0; g < K / GROUP; g++) {
-            const float *xg = xm + g * GROUP;
-            __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8)),
-                                       _mm256_add_ps(_mm256_loadu_ps(xg + 16), _mm256_loadu_ps(xg + 24)));
-            rows->sums[m * (K / GROUP) + g] = hsum(sum);
-        }
     }
     return 0;
 }
 
-/* int4 weights are widened as four nibble planes of int16 (INT4_PLANES): plane t holds, in 128-bit lane
- * j, weights 16 * (t / 2) + 2i + t % 2 (i = 0..7) of the vector's group j. Each vector of groups'
- * activations is reordered to match, once per call; groups after the last whole vector keep their order. */
-static void nibble_order(int16_t *q, int64_t M, int64_t K) {
-    const int64_t per_vector = GROUPS_PER_VECTOR * GROUP, whole = K / per_vector * per_vector;
+/* int4 path: activations rounded to int8 per group of 32 weights (q8_0's precision: relative error 2^-8 of
+ * the group's largest value, against the int4 weights' own 2^-4 of their range), so that the nibbles,
+ * widened to bytes, multiply them four products at a time (vi_dot_bytes: twice vpdpwssd's rate). A vector
+ * of weights holds GROUPS_PER_VECTOR groups of 16 bytes, byte i of a group weight i in its low nibble and
+ * weight i + 16 in its high one, so its activations are laid out to match: the first 16 of each group's
+ * 32 values, group after group, then the last 16 of each. Groups after the last whole vector keep their
+ * order. Each group's sum lands in its group's four 32-bit lanes, scaled there by both scales. */
+typedef struct {
+    int8_t *q;      /* [M, K], rows row_stride(K) apart, in the order above */
+    float *scale;   /* [M, K / GROUP]: x ~= q * scale, group by group */
+    float *spread;  /* [M, 4 * K / GROUP]: each group's scale in its four lanes */
+    float *sums;    /* [M, K / GROUP]: group sums of x, for the minimum term */
+} Groups;
+
+static void free_groups(Groups *a) {
+    free(a->q);
+    free(a->scale);
+    free(a->spread);
+    free(a->sums);
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+/* The minimum term takes the sums of the rounded activations, so the product is exactly the unpacked
+ * weights times the rounded activations: its error is the weights' (centred) times the rounding's. */
+static int quantize_groups(const float *x, int64_t M, int64_t K, Groups *a) {
+    const int64_t groups = K / GROUP, per_vector = GROUPS_PER_VECTOR * GROUP, whole = K / per_vector * per_vector;
+    a->q = cache_aligned(M * row_stride(K));
+    a->scale = cache_aligned(M * groups * sizeof(float));
+    a->spread = cache_aligned(M * 4 * groups * sizeof(float));
+    a->sums = cache_aligned(M * groups * sizeof(float));
+    if (!a->q || !a->scale || !a->spread || !a->sums) return free_groups(a), -1;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the two packs' lane interleave */
     for (int64_t m = 0; m < M; m++)
-        for (int64_t base = m * row_stride(K); base < m * row_stride(K) + whole; base += per_vector) {
-            int16_t ordered[GROUPS_PER_VECTOR * GROUP];
-            for (int t = 0; t < 4; t++)
-                for (int j = 0; j < GROUPS_PER_VECTOR; j++)
-                    for (int i = 0; i < 8; i++) ordered[t * 2 * LANES + j * 8 + i] = q[base + j * GROUP + 16 * (t / 2) + 2 * i + t % 2];
-            memcpy(q + base, ordered, sizeof ordered);
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg = x + m * K + g * GROUP;
+            const __m256 v0 = _mm256_loadu_ps(xg), v1 = _mm256_loadu_ps(xg + 8), v2 = _mm256_loadu_ps(xg + 16), v3 = _mm256_loadu_ps(xg + 24);
+            __m256 top = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                       _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+            __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+            t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t))), step = amax / 127.0f;
+            const __m256 inverse = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            const __m256i c0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inverse)), c1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inverse));
+            const __m256i c2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inverse)), c3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inverse));
+            const __m256i codes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3)), in_order);
+            const int64_t k = g * GROUP, vector = k / per_vector * per_vector;
+            int8_t *out = a->q + m * row_stride(K);
+            int8_t *first = k < whole ? out + vector + (k - vector) / 2 : out + k;  /* group j's first 16 at 16 j */
+            int8_t *last = k < whole ? first + GROUPS_PER_VECTOR * 16 : out + k + 16;
+            _mm_storeu_si128((__m128i *)first, _mm256_castsi256_si128(codes));
+            _mm_storeu_si128((__m128i *)last, _mm256_extracti128_si256(codes, 1));
+            a->scale[m * groups + g] = step;
+            for (int lane = 0; lane < 4; lane++) a->spread[m * 4 * groups + 4 * g + lane] = step;
+            a->sums[m * groups + g] = step * (float)hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)));
         }
+    return 0;
 }
 
 /* ---- The kernels, inlined per row count M and per unit of NR weight rows n[0..NR). ----
@@ -227,7 +277,8 @@ ALWAYS_INLINE void prefetch(const void *p) { _mm_prefetch((const char *)p + PREF
 /* One matrix product: the prepared activations and the weights of one format. */
 typedef struct {
     const float *x;    /* bf16: activations split even/odd */
-    const Rows *rows;  /* int8, int4 */
+    const Rows *rows;  /* int8 */
+    const Groups *groups; /* int4 */
     const void *w, *scale, *minimum;
     float *y;
     int64_t N, K;
@@ -285,24 +336,12 @@ ALWAYS_INLINE void unit_int8(const Product *p, const int64_t *n, const int M, co
         p->y[m * p->N + n[r]] = scale[n[r]] * p->rows->scale[m] * vf_sum(total[m][r]);
 }
 
-/* Plane t of a vector of int4 weights, as int16 lanes (see nibble_order): the low or high nibble of the
- * even or odd byte of each pair. Shifts and masks only, no shuffles. */
-#define INT4_PLANES(v, planes)                        \
-    do {                                              \
-        planes[0] = vi_low_nibbles(v);                \
-        planes[1] = vi_low_nibbles(vi_shift16(v, 8)); \
-        planes[2] = vi_low_nibbles(vi_shift16(v, 4)); \
-        planes[3] = vi_shift16(v, 12);                \
-    } while (0)
-
-/* One group of 32 int4 weights against its 32 int16 activations in plain order: the integer dot. */
-static inline int32_t group_dot_int4(const uint8_t *w, const int16_t *x) {
-    const __m128i low = _mm_set1_epi8(0x0F), bytes = _mm_loadu_si128((const __m128i *)w);
-    __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low));
-    __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low));
-    __m256i d = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
-                                 _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+/* One group of 32 int4 weights against its 32 int8 activations in plain order: the integer dot. */
+static inline int32_t group_dot_int4(const uint8_t *w, const int8_t *x) {
+    const __m128i low = _mm_set1_epi8(0x0F), bytes = _mm_loadu_si128((const __m128i *)w), ones = _mm_set1_epi16(1);
+    const __m128i first = _mm_and_si128(bytes, low), last = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    __m128i s = _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(first, _mm_loadu_si128((const __m128i *)x)), ones),
+                              _mm_madd_epi16(_mm_maddubs_epi16(last, _mm_loadu_si128((const __m128i *)(x + 16))), ones));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
@@ -317,42 +356,44 @@ static inline float minimum_term(const uint16_t *minimum, const float *sums, int
     return total;
 }
 
-/* Per vector of groups: four integer dots of planes and activations give each group's sum in its four
- * 32-bit lanes, scaled there by the group's own scale (vf_group_scales) into float sums; then the
+/* Per vector of groups: two byte dots (first and last 16 weights of each group) give each group's sum in
+ * its four 32-bit lanes, scaled there by the weight group's and the activation group's scales; then the
  * groups after the last whole vector, one at a time, and the minimum term. */
 ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, const int NR) {
     const int64_t K = p->K, groups = K / GROUP, whole = groups / GROUPS_PER_VECTOR * GROUPS_PER_VECTOR;
     const uint8_t *wr[UNIT_MAX];
     const uint16_t *sr[UNIT_MAX];
     UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint8_t *)p->w + n[r] * K / 2, sr[r] = (const uint16_t *)p->scale + n[r] * groups;
-    const int16_t *q = p->rows->q;
+    const Groups *a = p->groups;
     vfloat acc[MAX_ROWS][UNIT_MAX];
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vf_zero();
     for (int64_t g = 0; g < whole; g += GROUPS_PER_VECTOR) {
-        vint planes[UNIT_MAX][4];
+        vint first[UNIT_MAX], last[UNIT_MAX];
         vfloat scales[UNIT_MAX];
         UNROLL for (int r = 0; r < NR; r++) {
             prefetch(wr[r] + g * GROUP / 2);
             const vint v = vi_load(wr[r] + g * GROUP / 2);
-            INT4_PLANES(v, planes[r]);
+            first[r] = vi_low_nibbles(v), last[r] = vi_high_nibbles(v);
             scales[r] = vf_group_scales(sr[r] + g);
         }
         UNROLL for (int m = 0; m < M; m++) {
-            const int16_t *xg = q + m * row_stride(K) + g * GROUP;
-            const vint x0 = vi_load(xg), x1 = vi_load(xg + 2 * LANES), x2 = vi_load(xg + 4 * LANES), x3 = vi_load(xg + 6 * LANES);
+            const int8_t *xg = a->q + m * row_stride(K) + g * GROUP;
+            const vint x0 = vi_load(xg), x1 = vi_load(xg + 4 * LANES);
+            const vfloat xs = vf_load(a->spread + m * 4 * groups + 4 * g);
             UNROLL for (int r = 0; r < NR; r++) {
-                const vint d = vi_dot(vi_dot(vi_dot(vi_madd(planes[r][0], x0), planes[r][1], x1), planes[r][2], x2), planes[r][3], x3);
-                acc[m][r] = vf_fmadd(vf_from_int(d), scales[r], acc[m][r]);
+                const vint d = vi_dot_bytes(vi_dot_bytes(vi_zero(), first[r], x0), last[r], x1);
+                acc[m][r] = vf_fmadd(vf_from_int(d), vf_mul(scales[r], xs), acc[m][r]);
             }
         }
     }
     const uint16_t *minimum = p->minimum;
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) {
-        const int16_t *x = q + m * row_stride(K);
+        const int8_t *x = a->q + m * row_stride(K);
         float tail = 0.0f;
-        for (int64_t g = whole; g < groups; g++) tail += _cvtsh_ss(sr[r][g]) * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
-        const float offset = minimum_term(minimum + n[r] * groups, p->rows->sums + m * groups, groups);
-        p->y[m * p->N + n[r]] = p->rows->scale[m] * (vf_sum(acc[m][r]) + tail) + offset;
+        for (int64_t g = whole; g < groups; g++)
+            tail += _cvtsh_ss(sr[r][g]) * a->scale[m * groups + g] * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
+        const float offset = minimum_term(minimum + n[r] * groups, a->sums + m * groups, groups);
+        p->y[m * p->N + n[r]] = vf_sum(acc[m][r]) + tail + offset;
     }
 }
 
@@ -417,12 +458,11 @@ int midfill_linear_int8(const float *x, const int8_t *w, const float *scale, flo
 int midfill_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *minimum, float *y,
                         int64_t M, int64_t N, int64_t K) {
     if (M < 1 || M > MAX_ROWS) return -2;
-    Rows rows;
-    if (quantize_rows(x, M, K, &rows)) return -1;
-    nibble_order(rows.q, M, K);
-    const Product p = {.rows = &rows, .w = w, .scale = scale, .minimum = minimum, .y = y, .N = N, .K = K};
+    Groups groups;
+    if (quantize_groups(x, M, K, &groups)) return -1;
+    const Product p = {.groups = &groups, .w = w, .scale = scale, .minimum = minimum, .y = y, .N = N, .K = K};
     BY_ROW_COUNT(int4, &p)
-    free_rows(&rows);
+    free_groups(&groups);
     return 0;
 }
 
