@@ -208,7 +208,7 @@ typedef struct {
     int8_t *q;      /* [M, K], rows row_stride(K) apart, in the order above */
     float *scale;   /* [M, K / GROUP]: x ~= q * scale, group by group */
     float *spread;  /* [M, 4 * K / GROUP]: each group's scale in its four lanes */
-    float *sums;    /* [M, K / GROUP]: group sums of x, for the minimum term */
+    float *sums;    /* [M, K / GROUP]: group sums of the rounded x, for the minimum term */
 } Groups;
 
 static void free_groups(Groups *a) {
