@@ -405,34 +405,39 @@ ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, co
  * against ~0.86 for one, measured on Zen 3), and each activation load serves NR weight rows. The
  * counts, measured here (Xeon, weights streaming from memory), give a thread enough independent sums
  * to hide the multiply-add latency with one activation row and leave registers for more: AVX2 has 16
- * (four weight rows for one activation row, two for up to four), AVX-512 32 (two for up to eight). */
-#ifndef UNIT_ROWS
+ * (four weight rows for one activation row, two for up to four), AVX-512 32 (two for up to eight).
+ * bf16 on AVX-512 takes four for two to four rows: it widens each weight with two instructions and
+ * then needs an FMA per row, and an activation load serving four weight rows leaves fewer loads per
+ * FMA (Zen 4: the matrices alone at four rows 1.18-1.37x, a whole 1.6B step at four rows 1.21-1.32x;
+ * at one row the four streams a thread then reads were slower in the whole step, 0.82-0.98x, and
+ * int8 and int4 were no faster at any count, int4 at one row 0.84-0.89x). Not measured on a Xeon. */
 #define UNIT_ROWS(M) (LANES == 16 ? 2 : (M) == 1 ? 4 : (M) <= 4 ? 2 : 1)
-#endif
+#define UNIT_ROWS_BF16(M) (LANES == 16 && (M) >= 2 && (M) <= 4 ? 4 : UNIT_ROWS(M))
 
 /* The units split across threads; the N % NR rows left over go one at a time on the calling thread. */
-#define OVER_OUTPUTS(FORMAT, P, M)                                                            \
+#define OVER_OUTPUTS(FORMAT, P, M, NR)                                                        \
     do {                                                                                    \
-        const int64_t spacing = (P)->N / UNIT_ROWS(M);                                      \
+        const int64_t spacing = (P)->N / (NR);                                              \
         _Pragma("omp parallel for schedule(static)")                                        \
         for (int64_t u = 0; u < spacing; u++) {                                             \
             const int64_t n[UNIT_MAX] = {u, u + spacing, u + 2 * spacing, u + 3 * spacing}; \
-            unit_##FORMAT(P, n, M, UNIT_ROWS(M));                                           \
+            unit_##FORMAT(P, n, M, NR);                                                     \
         }                                                                                   \
-        for (int64_t left = spacing * UNIT_ROWS(M); left < (P)->N; left++)                  \
+        for (int64_t left = spacing * (NR); left < (P)->N; left++)                          \
             unit_##FORMAT(P, &left, M, 1);                                                  \
     } while (0)
 
-#define BY_ROW_COUNT(FORMAT, P)                    \
-    switch (M) {                                   \
-        case 1: OVER_OUTPUTS(FORMAT, P, 1); break; \
-        case 2: OVER_OUTPUTS(FORMAT, P, 2); break; \
-        case 3: OVER_OUTPUTS(FORMAT, P, 3); break; \
-        case 4: OVER_OUTPUTS(FORMAT, P, 4); break; \
-        case 5: OVER_OUTPUTS(FORMAT, P, 5); break; \
-        case 6: OVER_OUTPUTS(FORMAT, P, 6); break; \
-        case 7: OVER_OUTPUTS(FORMAT, P, 7); break; \
-        case 8: OVER_OUTPUTS(FORMAT, P, 8); break; \
+/* RULE: the unit rows for a row count (UNIT_ROWS, or UNIT_ROWS_BF16). */
+#define BY_ROW_COUNT(FORMAT, P, RULE)                        \
+    switch (M) {                                             \
+        case 1: OVER_OUTPUTS(FORMAT, P, 1, RULE(1)); break; \
+        case 2: OVER_OUTPUTS(FORMAT, P, 2, RULE(2)); break; \
+        case 3: OVER_OUTPUTS(FORMAT, P, 3, RULE(3)); break; \
+        case 4: OVER_OUTPUTS(FORMAT, P, 4, RULE(4)); break; \
+        case 5: OVER_OUTPUTS(FORMAT, P, 5, RULE(5)); break; \
+        case 6: OVER_OUTPUTS(FORMAT, P, 6, RULE(6)); break; \
+        case 7: OVER_OUTPUTS(FORMAT, P, 7, RULE(7)); break; \
+        case 8: OVER_OUTPUTS(FORMAT, P, 8, RULE(8)); break; \
     }
 
 int midfill_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
@@ -440,7 +445,7 @@ int midfill_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, 
     float *split = split_even_odd(x, M, K);
     if (!split) return -1;
     const Product p = {.x = split, .w = w, .y = y, .N = N, .K = K};
-    BY_ROW_COUNT(bf16, &p)
+    BY_ROW_COUNT(bf16, &p, UNIT_ROWS_BF16)
     free(split);
     return 0;
 }
@@ -450,7 +455,7 @@ int midfill_linear_int8(const float *x, const int8_t *w, const float *scale, flo
     Rows rows;
     if (quantize_rows(x, M, K, &rows)) return -1;
     const Product p = {.rows = &rows, .w = w, .scale = scale, .y = y, .N = N, .K = K};
-    BY_ROW_COUNT(int8, &p)
+    BY_ROW_COUNT(int8, &p, UNIT_ROWS)
     free_rows(&rows);
     return 0;
 }
@@ -461,7 +466,7 @@ int midfill_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale,
     Groups groups;
     if (quantize_groups(x, M, K, &groups)) return -1;
     const Product p = {.groups = &groups, .w = w, .scale = scale, .minimum = minimum, .y = y, .N = N, .K = K};
-    BY_ROW_COUNT(int4, &p)
+    BY_ROW_COUNT(int4, &p, UNIT_ROWS)
     free_groups(&groups);
     return 0;
 }
