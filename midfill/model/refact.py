@@ -22,7 +22,7 @@ Biases = list[torch.Tensor]  # one additive bias per query block (GPTRefactForCa
 QUERY_BLOCK = 128  # tokens of a long input attended per call, each block against the keys up to its own last token
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: Biases, n_head: int) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: Biases) -> torch.Tensor:
     """SDPA of q [B, 1, T*H, hd] (heads folded into rows) against k, v [B, 1, S, hd], the last T keys
     being the queries' own tokens, in blocks of QUERY_BLOCK tokens that skip the keys after each block.
 
@@ -90,7 +90,7 @@ class MultiQueryAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         if bias[0].dtype != q.dtype and upcast:  # clamp first, so masked entries stay finite in a narrower dtype
             bias = [b.clamp(min=torch.finfo(q.dtype).min).to(q.dtype) for b in bias]
-        out = causal_attention(q, k, v, bias, self.n_head)
+        out = causal_attention(q, k, v, bias)
         return self.c_proj(out.to(x.dtype).view(batch, n_tok, n_embd))
 
 
