@@ -206,20 +206,17 @@ static int quantize_rows(const float *x, int64_t M, int64_t K, Rows *rows) {
  * order. Each group's sum lands in its group's four 32-bit lanes, scaled there by both scales. */
 typedef struct {
     int8_t *q;      /* [M, K], rows row_stride(K) apart, in the order above */
-    float *scale;   /* [M, K / GROUP]: x ~= q * scale, group by group */
-    float *spread;  /* [M, 4 * K / GROUP]: each group's scale in its four lanes */
+    float *spread;  /* [M, 4 * K / GROUP]: x ~= q * scale group by group, each group's scale in its four lanes */
     float *sums;    /* [M, K / GROUP]: group sums of the rounded x, for the minimum term */
 } Groups;
 
 static void free_groups(Groups *a) {
     free(a->q);
-    free(a->scale);
     free(a->spread);
     free(a->sums);
 }
 
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+static inline int32_t hsum_epi32(__m128i s) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
@@ -229,10 +226,9 @@ static inline int32_t hsum_epi32(__m256i v) {
 static int quantize_groups(const float *x, int64_t M, int64_t K, Groups *a) {
     const int64_t groups = K / GROUP, per_vector = GROUPS_PER_VECTOR * GROUP, whole = K / per_vector * per_vector;
     a->q = cache_aligned(M * row_stride(K));
-    a->scale = cache_aligned(M * groups * sizeof(float));
     a->spread = cache_aligned(M * 4 * groups * sizeof(float));
     a->sums = cache_aligned(M * groups * sizeof(float));
-    if (!a->q || !a->scale || !a->spread || !a->sums) return free_groups(a), -1;
+    if (!a->q || !a->spread || !a->sums) return free_groups(a), -1;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the two packs' lane interleave */
     for (int64_t m = 0; m < M; m++)
@@ -254,9 +250,9 @@ static int quantize_groups(const float *x, int64_t M, int64_t K, Groups *a) {
             int8_t *last = k < whole ? first + GROUPS_PER_VECTOR * 16 : out + k + 16;
             _mm_storeu_si128((__m128i *)first, _mm256_castsi256_si128(codes));
             _mm_storeu_si128((__m128i *)last, _mm256_extracti128_si256(codes, 1));
-            a->scale[m * groups + g] = step;
             for (int lane = 0; lane < 4; lane++) a->spread[m * 4 * groups + 4 * g + lane] = step;
-            a->sums[m * groups + g] = step * (float)hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)));
+            const __m256i total = _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3));
+            a->sums[m * groups + g] = step * (float)hsum_epi32(_mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1)));
         }
     return 0;
 }
@@ -340,10 +336,9 @@ ALWAYS_INLINE void unit_int8(const Product *p, const int64_t *n, const int M, co
 static inline int32_t group_dot_int4(const uint8_t *w, const int8_t *x) {
     const __m128i low = _mm_set1_epi8(0x0F), bytes = _mm_loadu_si128((const __m128i *)w), ones = _mm_set1_epi16(1);
     const __m128i first = _mm_and_si128(bytes, low), last = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-    __m128i s = _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(first, _mm_loadu_si128((const __m128i *)x)), ones),
-                              _mm_madd_epi16(_mm_maddubs_epi16(last, _mm_loadu_si128((const __m128i *)(x + 16))), ones));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+    const __m128i s = _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(first, _mm_loadu_si128((const __m128i *)x)), ones),
+                                    _mm_madd_epi16(_mm_maddubs_epi16(last, _mm_loadu_si128((const __m128i *)(x + 16))), ones));
+    return hsum_epi32(s);
 }
 
 /* sum_g minimum[g] * sums[g]: the minimum term of one weight row against one activation row. */
@@ -391,7 +386,7 @@ ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, co
         const int8_t *x = a->q + m * row_stride(K);
         float tail = 0.0f;
         for (int64_t g = whole; g < groups; g++)
-            tail += _cvtsh_ss(sr[r][g]) * a->scale[m * groups + g] * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
+            tail += _cvtsh_ss(sr[r][g]) * a->spread[m * 4 * groups + 4 * g] * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
         const float offset = minimum_term(minimum + n[r] * groups, a->sums + m * groups, groups);
         p->y[m * p->N + n[r]] = vf_sum(acc[m][r]) + tail + offset;
     }
