@@ -25,8 +25,9 @@
  * Layouts (row n of W is output feature n; K is a multiple of 32):
  *   bf16: uint16 [N, K], the upper half of a float32.
  *   int8: int8 [N, K] and float32 scale [N]: W = q * scale[n].
- *   int4: uint8 [N, K/2] and float16 scale, minimum [N, K/32]: W = q * scale + minimum, q in 0..15.
- *         In each group of 32 weights, byte i holds weight i in its low nibble, weight i+16 in its high.
+ *   int4: uint8 [N, K/2], uint8 scale codes and int8 minimum codes [N, K/32], float32 steps [N, 2]:
+ *         W = q * (scale * steps[n][0]) + minimum * steps[n][1], q in 0..15. In each group of 32
+ *         weights, byte i holds weight i in its low nibble, weight i+16 in its high.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -66,7 +67,7 @@ static inline vfloat vf_fmadd(vfloat a, vfloat b, vfloat c) { return _mm512_fmad
 static inline vfloat vf_add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 static inline vfloat vf_from_int(vint v) { return _mm512_cvtepi32_ps(v); }
 static inline float vf_sum(vfloat v) { return _mm512_reduce_add_ps(v); }
-static inline vfloat vf_halves(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vfloat vf_codes(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 static inline vint vi_zero(void) { return _mm512_setzero_si512(); }
 static inline vint vi_load(const void *p) { return _mm512_loadu_si512(p); }
 static inline vint vi_widen_int8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
@@ -89,12 +90,12 @@ static inline vint vi_dot_bytes(vint acc, vint u, vint s) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 }
 #endif
-/* The float16 scales of the four groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
-static inline vfloat vf_group_scales(const uint16_t *p) {
-    int64_t bits;
+/* The scale codes of the four groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
+static inline vfloat vf_group_scales(const uint8_t *p) {
+    int32_t bits;
     memcpy(&bits, p, sizeof bits);
-    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(bits))));
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(bits), spread)));
 }
 #else
 #define ISA "avx2"
@@ -107,7 +108,7 @@ static inline vfloat vf_fmadd(vfloat a, vfloat b, vfloat c) { return _mm256_fmad
 static inline vfloat vf_add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 static inline vfloat vf_from_int(vint v) { return _mm256_cvtepi32_ps(v); }
 static inline float vf_sum(vfloat v) { return hsum(v); }
-static inline vfloat vf_halves(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vfloat vf_codes(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 static inline vint vi_zero(void) { return _mm256_setzero_si256(); }
 static inline vint vi_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline vint vi_widen_int8(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
@@ -122,12 +123,12 @@ static inline vint vi_dot(vint acc, vint a, vint b) { return _mm256_add_epi32(ac
 static inline vint vi_dot_bytes(vint acc, vint u, vint s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
-/* The float16 scales of the two groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
-static inline vfloat vf_group_scales(const uint16_t *p) {
-    int32_t bits;
+/* The scale codes of the two groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
+static inline vfloat vf_group_scales(const uint8_t *p) {
+    uint16_t bits;
     memcpy(&bits, p, sizeof bits);
-    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))), spread);
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(bits), spread)));
 }
 #endif
 
@@ -276,6 +277,7 @@ typedef struct {
     const Rows *rows;  /* int8 */
     const Groups *groups; /* int4 */
     const void *w, *scale, *minimum;
+    const float *steps; /* int4 */
     float *y;
     int64_t N, K;
 } Product;
@@ -341,24 +343,24 @@ static inline int32_t group_dot_int4(const uint8_t *w, const int8_t *x) {
     return hsum_epi32(s);
 }
 
-/* sum_g minimum[g] * sums[g]: the minimum term of one weight row against one activation row. */
-static inline float minimum_term(const uint16_t *minimum, const float *sums, int64_t groups) {
+/* sum_g minimum[g] * sums[g] in minimum codes: the minimum term of one weight row against one activation row. */
+static inline float minimum_term(const int8_t *minimum, const float *sums, int64_t groups) {
     vfloat acc = vf_zero();
     int64_t g = 0;
-    for (; g + LANES <= groups; g += LANES) acc = vf_fmadd(vf_halves(minimum + g), vf_load(sums + g), acc);
+    for (; g + LANES <= groups; g += LANES) acc = vf_fmadd(vf_codes(minimum + g), vf_load(sums + g), acc);
     float total = vf_sum(acc);
-    for (; g < groups; g++) total += _cvtsh_ss(minimum[g]) * sums[g];
+    for (; g < groups; g++) total += (float)minimum[g] * sums[g];
     return total;
 }
 
 /* Per vector of groups: two byte dots (first and last 16 weights of each group) give each group's sum in
- * its four 32-bit lanes, scaled there by the weight group's and the activation group's scales; then the
- * groups after the last whole vector, one at a time, and the minimum term. */
+ * its four 32-bit lanes, scaled there by the weight group's scale code and the activation group's scale;
+ * then the groups after the last whole vector, one at a time, and the minimum term, each on its row step. */
 ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, const int NR) {
     const int64_t K = p->K, groups = K / GROUP, whole = groups / GROUPS_PER_VECTOR * GROUPS_PER_VECTOR;
     const uint8_t *wr[UNIT_MAX];
-    const uint16_t *sr[UNIT_MAX];
-    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint8_t *)p->w + n[r] * K / 2, sr[r] = (const uint16_t *)p->scale + n[r] * groups;
+    const uint8_t *sr[UNIT_MAX];
+    UNROLL for (int r = 0; r < NR; r++) wr[r] = (const uint8_t *)p->w + n[r] * K / 2, sr[r] = (const uint8_t *)p->scale + n[r] * groups;
     const Groups *a = p->groups;
     vfloat acc[MAX_ROWS][UNIT_MAX];
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vf_zero();
@@ -381,14 +383,14 @@ ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, co
             }
         }
     }
-    const uint16_t *minimum = p->minimum;
+    const int8_t *minimum = p->minimum;
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) {
         const int8_t *x = a->q + m * row_stride(K);
         float tail = 0.0f;
         for (int64_t g = whole; g < groups; g++)
-            tail += _cvtsh_ss(sr[r][g]) * a->spread[m * 4 * groups + 4 * g] * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
+            tail += (float)sr[r][g] * a->spread[m * 4 * groups + 4 * g] * (float)group_dot_int4(wr[r] + g * GROUP / 2, x + g * GROUP);
         const float offset = minimum_term(minimum + n[r] * groups, a->sums + m * groups, groups);
-        p->y[m * p->N + n[r]] = vf_sum(acc[m][r]) + tail + offset;
+        p->y[m * p->N + n[r]] = p->steps[2 * n[r]] * (vf_sum(acc[m][r]) + tail) + p->steps[2 * n[r] + 1] * offset;
     }
 }
 
@@ -455,12 +457,12 @@ int midfill_linear_int8(const float *x, const int8_t *w, const float *scale, flo
     return 0;
 }
 
-int midfill_linear_int4(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *minimum, float *y,
-                        int64_t M, int64_t N, int64_t K) {
+int midfill_linear_int4(const float *x, const uint8_t *w, const uint8_t *scale, const int8_t *minimum, const float *steps,
+                        float *y, int64_t M, int64_t N, int64_t K) {
     if (M < 1 || M > MAX_ROWS) return -2;
     Groups groups;
     if (quantize_groups(x, M, K, &groups)) return -1;
-    const Product p = {.groups = &groups, .w = w, .scale = scale, .minimum = minimum, .y = y, .N = N, .K = K};
+    const Product p = {.groups = &groups, .w = w, .scale = scale, .minimum = minimum, .steps = steps, .y = y, .N = N, .K = K};
     BY_ROW_COUNT(int4, &p, UNIT_ROWS)
     free_groups(&groups);
     return 0;
@@ -605,7 +607,7 @@ enum { FORMAT_BF16 = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2 };
 
 typedef struct {
     int64_t format, n_out, n_in;
-    const void *weight, *scale, *minimum;
+    const void *weight, *scale, *minimum, *steps;
 } Matrix;
 
 /* y [M, n_out] = x [M, n_in] W^T, any number of rows. */
@@ -617,7 +619,7 @@ static int matrix_apply(const Matrix *m, const float *x, float *y, int64_t M) {
         int status;
         if (m->format == FORMAT_BF16) status = midfill_linear_bf16(xs, m->weight, ys, rows, m->n_out, m->n_in);
         else if (m->format == FORMAT_INT8) status = midfill_linear_int8(xs, m->weight, m->scale, ys, rows, m->n_out, m->n_in);
-        else status = midfill_linear_int4(xs, m->weight, m->scale, m->minimum, ys, rows, m->n_out, m->n_in);
+        else status = midfill_linear_int4(xs, m->weight, m->scale, m->minimum, m->steps, ys, rows, m->n_out, m->n_in);
         if (status) return status;
     }
     return 0;

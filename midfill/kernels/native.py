@@ -121,15 +121,15 @@ def load(variant: Variant) -> ctypes.CDLL:
         raise OSError(f"{target.name} was built for {lib.midfill_isa().decode()}, not {variant.name}")
     lib.midfill_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_linear_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
-    lib.midfill_linear_int4.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.midfill_linear_int4.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_attention_one.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32]
     lib.midfill_read_bandwidth.argtypes = [ptr, i64]
     lib.midfill_gemm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.midfill_decode_block.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64]
     lib.midfill_read_bandwidth.restype = f32
     lib.midfill_pack_int8.argtypes = [ptr, i64, i64, ptr, ptr]
-    lib.midfill_pack_int4.argtypes = [ptr, i64, ptr, ptr, ptr]
-    lib.midfill_widen_bf16.argtypes = [i64, ptr, ptr, ptr, i64, i64, ptr]
+    lib.midfill_pack_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.midfill_widen_bf16.argtypes = [i64, ptr, ptr, ptr, ptr, i64, i64, ptr]
     lib.midfill_pack_int8.restype = lib.midfill_pack_int4.restype = lib.midfill_widen_bf16.restype = None
     for kernel in ("linear_bf16", "linear_int8", "linear_int4", "attention_one", "decode_block", "gemm_bf16"):
         getattr(lib, f"midfill_{kernel}").restype = ctypes.c_int
@@ -193,9 +193,9 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return _linear(library().midfill_linear_int8, x, weight.shape[0], (weight.data_ptr(), scale.data_ptr()))
 
 
-def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    """Packed uint8 weight [N, K/2] with float16 scale and minimum [N, K/32]."""
-    pointers = (weight.data_ptr(), scale.data_ptr(), minimum.data_ptr())
+def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Packed uint8 weight [N, K/2] with uint8 scale and int8 minimum codes [N, K/32] on float32 steps [N, 2]."""
+    pointers = (weight.data_ptr(), scale.data_ptr(), minimum.data_ptr(), steps.data_ptr())
     return _linear(library().midfill_linear_int4, x, weight.shape[0], pointers)
 
 
@@ -219,19 +219,23 @@ def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def pack_int4(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 groups [G, 32] (contiguous) -> packed uint8 [G, 16], float16 scale and minimum [G] (pack.c)."""
-    n = groups.shape[0]
-    packed, scale, minimum = torch.empty(n, 16, dtype=torch.uint8), torch.empty(n, dtype=torch.float16), torch.empty(n, dtype=torch.float16)
-    library().midfill_pack_int4(groups.data_ptr(), n, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr())
-    return packed, scale, minimum
+def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 weight [N, K] (contiguous, K a multiple of 32) -> packed uint8 [N, K/2], uint8 scale and int8
+    minimum codes [N, K/32], float32 steps [N, 2] (pack.c)."""
+    n, k = weight.shape
+    packed, steps = torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, 2)
+    scale, minimum = torch.empty(n, k // 32, dtype=torch.uint8), torch.empty(n, k // 32, dtype=torch.int8)
+    library().midfill_pack_int4(weight.data_ptr(), n, k, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), steps.data_ptr())
+    return packed, scale, minimum, steps
 
 
-def widen_bf16(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, minimum: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """int8 levels [N, K] (exactly; the row scales are left to the caller) or packed int4 [N, K/2] with
-    float16 scale and minimum [N, K/32] (rounded) as bf16 into out [N, K] (contiguous), pack.c."""
-    pointer = 0 if minimum is None else minimum.data_ptr()
-    library().midfill_widen_bf16(FORMAT_CODES[fmt], weight.data_ptr(), scale.data_ptr(), pointer, *out.shape, out.data_ptr())
+def widen_bf16(fmt: str, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, steps: torch.Tensor | None,
+               out: torch.Tensor) -> torch.Tensor:
+    """int8 levels [N, K] (exactly; the row scales are left to the caller) or packed int4 [N, K/2] with its
+    codes and steps (rounded) as bf16 into out [N, K] (contiguous), pack.c."""
+    pointer = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    library().midfill_widen_bf16(FORMAT_CODES[fmt], weight.data_ptr(), scale.data_ptr(), pointer(minimum), pointer(steps), *out.shape,
+                                 out.data_ptr())
     return out
 
 
@@ -260,15 +264,16 @@ class Matrix(ctypes.Structure):
     """A packed weight as decode.c's Matrix: format code, shape and data pointers."""
 
     _fields_ = [("format", ctypes.c_int64), ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64),
-                ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p)]  # fmt: skip
+                ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p), ("steps", ctypes.c_void_p)]  # fmt: skip
 
 
 FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
 
 
-def matrix(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, minimum: torch.Tensor | None, n_in: int) -> Matrix:
+def matrix(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, minimum: torch.Tensor | None, steps: torch.Tensor | None,
+           n_in: int) -> Matrix:
     pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    return Matrix(FORMAT_CODES[fmt], weight.shape[0], n_in, weight.data_ptr(), pointer(scale), pointer(minimum))
+    return Matrix(FORMAT_CODES[fmt], weight.shape[0], n_in, weight.data_ptr(), pointer(scale), pointer(minimum), pointer(steps))
 
 
 def decode_block(

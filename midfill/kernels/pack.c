@@ -1,18 +1,19 @@
 /* Packing float32 weights into int8 and int4: the same least-squares range search as the pure-torch
- * reference in midfill/model/quantize.py (int8_scale, int4_range), one row or group at a time; and
- * widening them back to bf16 for a prompt's products on bf16 matrix units (midfill_widen_bf16).
+ * reference in midfill/model/quantize.py (int8_scale, int4_range, int4_levels), one row or group at a
+ * time; and widening them back to bf16 for a prompt's products on bf16 matrix units (midfill_widen_bf16).
  *
  * torch runs the search as a few dozen passes over whole tensors, each writing an intermediate as
  * large as the weight: minutes of packing for the 1.6B model on two cores. Here a row
  * (int8) or a group of 32 (int4) stays in registers for its whole search, so the cost is arithmetic
  * only. Each step mirrors the reference's order of operations (subtract, divide, round half to even,
- * clamp; float16 rounding of the int4 scale and minimum), so the levels are the reference's; only
- * summation order differs, which moves the squared errors by a few ulps and can, rarely, pick another
- * of two starts that fit equally well. tests/test_native.py holds the two to that.
+ * clamp; the int4 row steps and codes), so the levels are the reference's; only summation order
+ * differs, which moves the squared errors by a few ulps and can, rarely, pick another of two starts
+ * that fit equally well. tests/test_native.py holds the two to that.
  *
  * Built into the same library as decode.c; AVX2 + FMA + F16C are enough (every variant has them).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 /* Equal to RANGE_STARTS and REFIT_ROUNDS in quantize.py: tests/test_native.py compares the results. */
@@ -27,13 +28,14 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline float to_half_and_back(float x) { return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
-
 #define ROUND_EVEN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 
-/* Levels 0..15 of one group of 32 for a float16-rounded scale and minimum, and their squared error. */
-static inline float round_group(const __m256 g[4], float scale, float minimum, __m256 q[4]) {
-    float s = to_half_and_back(scale), m = to_half_and_back(minimum);
+static inline float to_half_and_back(float x) { return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+static inline float round_even(float x) { return _mm_cvtss_f32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(x), ROUND_EVEN)); }
+
+/* Levels 0..15 of one group of 32 for a scale and minimum, and their squared error. */
+static inline float round_group(const __m256 g[4], float s, float m, __m256 q[4]) {
     __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m), step = _mm256_set1_ps(s == 0.0f ? 1.0f : s);
     __m256 error = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
@@ -46,7 +48,7 @@ static inline float round_group(const __m256 g[4], float scale, float minimum, _
 }
 
 /* int4_range of quantize.py for one group: the scale and minimum of least squared error reached by
- * REFIT_ROUNDS least-squares refits from each pair of RANGE_STARTS. */
+ * REFIT_ROUNDS least-squares refits from each pair of RANGE_STARTS, each tried at float16 precision. */
 static void int4_group_range(const float *w, float *best_scale, float *best_minimum) {
     __m256 g[4], q[4];
     __m256 lo = _mm256_loadu_ps(w), hi = lo, total = _mm256_setzero_ps();
@@ -66,15 +68,16 @@ static void int4_group_range(const float *w, float *best_scale, float *best_mini
     }
     float mean = sum8(total) / 32.0f, span = high - low;
     float best_error = __builtin_inff();
-    *best_scale = span, *best_minimum = low;
+    *best_scale = to_half_and_back(span), *best_minimum = to_half_and_back(low);
     for (int a = 0; a < N_STARTS; a++) {
         for (int b = 0; b < N_STARTS; b++) {
             float scale = span * (1.0f - RANGE_STARTS[a] - RANGE_STARTS[b]) / 15.0f;
             float minimum = low + RANGE_STARTS[a] * span;
             for (int round = 0; round <= REFIT_ROUNDS; round++) {
-                float error = round_group(g, scale, minimum, q);
+                const float s = to_half_and_back(scale), m = to_half_and_back(minimum);
+                float error = round_group(g, s, m, q);
                 if (error < best_error)
-                    best_error = error, *best_scale = scale, *best_minimum = minimum;
+                    best_error = error, *best_scale = s, *best_minimum = m;
                 __m256 q_total = _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3]));
                 float q_mean = sum8(q_total) / 32.0f;
                 __m256 vq_mean = _mm256_set1_ps(q_mean), vmean = _mm256_set1_ps(mean);
@@ -94,25 +97,41 @@ static void int4_group_range(const float *w, float *best_scale, float *best_mini
     }
 }
 
-/* pack_int4 of quantize.py: w [n_groups, 32] float32 -> packed [n_groups, 16] (weight i in the low
- * nibble of byte i, weight i + 16 in the high one), scale and minimum [n_groups] float16 bits. */
-void midfill_pack_int4(const float *w, int64_t n_groups, uint8_t *packed, uint16_t *scale, uint16_t *minimum) {
-#pragma omp parallel for schedule(dynamic, 1024)
-    for (int64_t n = 0; n < n_groups; n++) {
-        const float *group = w + 32 * n;
-        float s, m;
-        int4_group_range(group, &s, &m);
-        scale[n] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-        minimum[n] = _cvtss_sh(m, _MM_FROUND_TO_NEAREST_INT);
-        __m256 g[4], q[4];
-        for (int i = 0; i < 4; i++)
-            g[i] = _mm256_loadu_ps(group + 8 * i);
-        round_group(g, s, m, q);
-        float levels[32];
-        for (int i = 0; i < 4; i++)
-            _mm256_storeu_ps(levels + 8 * i, q[i]);
-        for (int i = 0; i < 16; i++)
-            packed[16 * n + i] = (uint8_t)((int)levels[i] | ((int)levels[i + 16] << 4));
+static inline float clamp(float x, float low, float high) { return x < low ? low : x > high ? high : x; }
+
+/* int4_levels of quantize.py: w [n_out, k] float32 (k a multiple of 32) -> packed [n_out, k/2] (in each
+ * group of 32, weight i in the low nibble of byte i, weight i + 16 in the high one), scale codes
+ * [n_out, k/32] uint8 and minimum codes int8, steps [n_out, 2] float32: each group's best range, then
+ * its codes on the row's steps, then its levels for the coded range. */
+void midfill_pack_int4(const float *w, int64_t n_out, int64_t k, uint8_t *packed, uint8_t *scale, int8_t *minimum, float *steps) {
+    const int64_t groups = k / 32;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t n = 0; n < n_out; n++) {
+        float fitted_scale[groups], fitted_minimum[groups], top_scale = 0.0f, top_minimum = 0.0f;
+        for (int64_t j = 0; j < groups; j++) {
+            int4_group_range(w + n * k + 32 * j, &fitted_scale[j], &fitted_minimum[j]);
+            top_scale = fitted_scale[j] > top_scale ? fitted_scale[j] : top_scale;
+            top_minimum = fabsf(fitted_minimum[j]) > top_minimum ? fabsf(fitted_minimum[j]) : top_minimum;
+        }
+        const float scale_step = (top_scale > 1e-12f ? top_scale : 1e-12f) / 255.0f;
+        const float minimum_step = (top_minimum > 1e-12f ? top_minimum : 1e-12f) / 127.0f;
+        steps[2 * n] = scale_step, steps[2 * n + 1] = minimum_step;
+        for (int64_t j = 0; j < groups; j++) {
+            const int64_t at = n * groups + j;
+            const float sc = clamp(round_even(fitted_scale[j] / scale_step), 0.0f, 255.0f);
+            const float mc = clamp(round_even(fitted_minimum[j] / minimum_step), -127.0f, 127.0f);
+            scale[at] = (uint8_t)sc, minimum[at] = (int8_t)mc;
+            const float *group = w + n * k + 32 * j;
+            __m256 g[4], q[4];
+            for (int i = 0; i < 4; i++)
+                g[i] = _mm256_loadu_ps(group + 8 * i);
+            round_group(g, sc * scale_step, mc * minimum_step, q);
+            float levels[32];
+            for (int i = 0; i < 4; i++)
+                _mm256_storeu_ps(levels + 8 * i, q[i]);
+            for (int i = 0; i < 16; i++)
+                packed[16 * at + i] = (uint8_t)((int)levels[i] | ((int)levels[i + 16] << 4));
+        }
     }
 }
 
@@ -190,7 +209,7 @@ static inline __m256 int4_weights(const uint8_t *bytes, int high, __m256 scale, 
  * q * scale + minimum rounded to bf16, equal to PackedLinear.unpack().to(torch.bfloat16). k is a
  * multiple of 32. Reads the packed bytes once and writes each bf16 once: a layer of the 1.6B model in
  * a few milliseconds, where the torch path built float32 intermediates several times its size. */
-void midfill_widen_bf16(int64_t format, const uint8_t *weight, const uint16_t *scale, const uint16_t *minimum,
+void midfill_widen_bf16(int64_t format, const uint8_t *weight, const uint8_t *scale, const int8_t *minimum, const float *steps,
                         int64_t n_out, int64_t k, uint16_t *out) {
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < n_out; n++) {
@@ -206,7 +225,7 @@ void midfill_widen_bf16(int64_t format, const uint8_t *weight, const uint16_t *s
             } else {
                 const int64_t g = (n * k + i) / 32;
                 const uint8_t *bytes = weight + 16 * g;
-                const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[g])), m = _mm256_set1_ps(_cvtsh_ss(minimum[g]));
+                const __m256 s = _mm256_set1_ps((float)scale[g] * steps[2 * n]), m = _mm256_set1_ps((float)minimum[g] * steps[2 * n + 1]);
                 /* byte j holds weight j (low nibble) and weight j + 16 (high nibble) */
                 store_bf16(row + i, int4_weights(bytes, 0, s, m), int4_weights(bytes + 8, 0, s, m), 1);
                 store_bf16(row + i + 16, int4_weights(bytes, 1, s, m), int4_weights(bytes + 8, 1, s, m), 1);

@@ -175,6 +175,20 @@ def check_state(state: dict[str, StoredTensor], model: GPTRefactForCausalLM, sou
             )
 
 
+def check_packed_layout(state: dict[str, StoredTensor], model: GPTRefactForCausalLM, source: Path) -> None:
+    """A checkpoint packed by `midfill quantize` holds this version's packed tensors, dtype for dtype
+    (the int4 layout changed: float16 scales and minimums became byte codes on per-row steps)."""
+    for prefix, _, _, layer in linear_layers(model):
+        for name, buffer in layer.named_buffers():
+            stored = state.get(f"{prefix}.{name}")
+            if stored is None or stored.dtype != buffer.dtype:
+                found = "missing" if stored is None else f"stored as {str(stored.dtype).removeprefix('torch.')}"
+                raise MidfillError(
+                    f"{source}: {prefix}.{name} is {found}; this midfill packs {layer.fmt} layers otherwise. "
+                    "Pack the original checkpoint again with `midfill quantize`"
+                )
+
+
 def stored_dtype(path_or_id: str | os.PathLike) -> torch.dtype:
     """The dtype a checkpoint's weights are saved in (its head's), from the file headers alone."""
     return adapt_layout(read_weights(resolve_model_dir(path_or_id))[0])["lm_head.weight"].dtype
@@ -211,6 +225,7 @@ def load_model(
         model = GPTRefactForCausalLM(config)
     if stored is not None:
         empty_packed(model, stored)
+        check_packed_layout(tensors, model, source)
         precision = Precision(torch.float32, stored, f"the checkpoint was packed as {stored} by `midfill quantize`")
     check_state(tensors, model, source)
     if stored is None:

@@ -43,7 +43,7 @@ def native_blocks(model: GPTRefactForCausalLM) -> list[tuple] | None:
         return cached[1]
     blocks = []
     for block, layers in zip(model.transformer.h, groups):
-        matrices = [native.matrix(layer.fmt, layer.weight, getattr(layer, "scale", None), getattr(layer, "minimum", None),
+        matrices = [native.matrix(layer.fmt, layer.weight, *(getattr(layer, name, None) for name in ("scale", "minimum", "steps")),
                                   layer.in_features) for layer in layers]  # fmt: skip
         blocks.append(((native.Matrix * 5)(*matrices), (block.ln_1.weight, block.ln_2.weight)))
     model._native_blocks = (addresses, blocks)

@@ -95,7 +95,7 @@ WIDEN_TILE_BYTES = 16 << 20  # bf16 weights widened per product call: int4 promp
 
 
 def widened_bf16_product(
-    x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+    x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, steps: torch.Tensor | None
 ) -> torch.Tensor:
     """bf16 x [..., K] times an int8 (levels, exact; the row scales are left to the caller) or int4
     (rounded) layer widened to bf16, a tile of rows at a time into a buffer this thread reuses: a fresh
@@ -111,6 +111,6 @@ def widened_bf16_product(
     for start in range(0, n_out, tile):
         rows = slice(start, min(start + tile, n_out))
         widened = buffer[: (rows.stop - start) * n_in].view(-1, n_in)
-        native.widen_bf16(fmt, weight[rows], scale[rows], None if minimum is None else minimum[rows], widened)
+        native.widen_bf16(fmt, weight[rows], scale[rows], *(None if t is None else t[rows] for t in (minimum, steps)), widened)
         y[..., rows] = F.linear(x, widened)
     return y
