@@ -84,8 +84,9 @@ def test_an_unknown_or_unrunnable_variant_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 # odd n_out leaves one row out of the far-apart pairs; 352 = 11 int4 groups, a tail after whole vectors
-# in both widths; 2112 runs past int8's 2048-weight integer blocks
-@pytest.mark.parametrize("n_out, n_in", [(73, 352), (24, 2112)])
+# in both widths; 2112 runs past int8's 2048-weight integer blocks; 864 = 27 groups: int4 widens its scale
+# codes a vector's width at a time, here one whole width (16 on AVX-512), one short and a tail after it
+@pytest.mark.parametrize("n_out, n_in", [(73, 352), (24, 2112), (9, 864)])
 def test_linear_matches_the_unpacked_reference(variant, fmt, n_out, n_in):
     layer = packed(fmt, n_out, n_in)
     x = torch.randn(native.MAX_ROWS + 3, n_in)  # one full call, then three rows

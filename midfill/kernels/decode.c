@@ -90,12 +90,11 @@ static inline vint vi_dot_bytes(vint acc, vint u, vint s) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 }
 #endif
-/* The scale codes of the four groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
-static inline vfloat vf_group_scales(const uint8_t *p) {
-    int32_t bits;
-    memcpy(&bits, p, sizeof bits);
-    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(bits), spread)));
+/* LANES int4 scale codes as floats, and those of vector j's four groups, each in its group's four 32-bit lanes. */
+static inline vfloat vf_scale_codes(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+static inline vfloat vf_spread(vfloat codes, int j) {
+    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(4 * j)), codes);
 }
 #else
 #define ISA "avx2"
@@ -123,12 +122,10 @@ static inline vint vi_dot(vint acc, vint a, vint b) { return _mm256_add_epi32(ac
 static inline vint vi_dot_bytes(vint acc, vint u, vint s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
-/* The scale codes of the two groups in a vector of int4 weights, each in its group's four 32-bit lanes. */
-static inline vfloat vf_group_scales(const uint8_t *p) {
-    uint16_t bits;
-    memcpy(&bits, p, sizeof bits);
-    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(bits), spread)));
+/* LANES int4 scale codes as floats, and those of vector j's two groups, each in its group's four 32-bit lanes. */
+static inline vfloat vf_scale_codes(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+static inline vfloat vf_spread(vfloat codes, int j) {
+    return _mm256_permutevar8x32_ps(codes, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_set1_epi32(2 * j)));
 }
 #endif
 
@@ -354,8 +351,9 @@ static inline float minimum_term(const int8_t *minimum, const float *sums, int64
 }
 
 /* Per vector of groups: two byte dots (first and last 16 weights of each group) give each group's sum in
- * its four 32-bit lanes, scaled there by the weight group's scale code and the activation group's scale;
- * then the groups after the last whole vector, one at a time, and the minimum term, each on its row step. */
+ * its four 32-bit lanes, scaled there by the weight group's scale code and the activation group's scale
+ * (the codes of four vectors widened at once: one permute a vector); then the groups after the last whole
+ * vector, one at a time, and the minimum term, each on its row step. */
 ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, const int NR) {
     const int64_t K = p->K, groups = K / GROUP, whole = groups / GROUPS_PER_VECTOR * GROUPS_PER_VECTOR;
     const uint8_t *wr[UNIT_MAX];
@@ -364,22 +362,33 @@ ALWAYS_INLINE void unit_int4(const Product *p, const int64_t *n, const int M, co
     const Groups *a = p->groups;
     vfloat acc[MAX_ROWS][UNIT_MAX];
     UNROLL for (int m = 0; m < M; m++) UNROLL for (int r = 0; r < NR; r++) acc[m][r] = vf_zero();
-    for (int64_t g = 0; g < whole; g += GROUPS_PER_VECTOR) {
-        vint first[UNIT_MAX], last[UNIT_MAX];
-        vfloat scales[UNIT_MAX];
+    for (int64_t block = 0; block < whole; block += LANES) {
+        const int vectors = whole - block >= LANES ? 4 : (int)((whole - block) / GROUPS_PER_VECTOR);
+        vfloat codes[UNIT_MAX];
         UNROLL for (int r = 0; r < NR; r++) {
-            prefetch(wr[r] + g * GROUP / 2);
-            const vint v = vi_load(wr[r] + g * GROUP / 2);
-            first[r] = vi_low_nibbles(v), last[r] = vi_high_nibbles(v);
-            scales[r] = vf_group_scales(sr[r] + g);
+            uint8_t last_codes[LANES] = {0}; /* the row's last block: no read past its codes */
+            if (vectors < 4) memcpy(last_codes, sr[r] + block, (size_t)(whole - block));
+            codes[r] = vf_scale_codes(vectors < 4 ? last_codes : sr[r] + block);
         }
-        UNROLL for (int m = 0; m < M; m++) {
-            const int8_t *xg = a->q + m * row_stride(K) + g * GROUP;
-            const vint x0 = vi_load(xg), x1 = vi_load(xg + 4 * LANES);
-            const vfloat xs = vf_load(a->spread + m * 4 * groups + 4 * g);
+        UNROLL for (int j = 0; j < 4; j++) {
+            if (j >= vectors) break;
+            const int64_t g = block + j * GROUPS_PER_VECTOR;
+            vint first[UNIT_MAX], last[UNIT_MAX];
+            vfloat scales[UNIT_MAX];
             UNROLL for (int r = 0; r < NR; r++) {
-                const vint d = vi_dot_bytes(vi_dot_bytes(vi_zero(), first[r], x0), last[r], x1);
-                acc[m][r] = vf_fmadd(vf_from_int(d), vf_mul(scales[r], xs), acc[m][r]);
+                prefetch(wr[r] + g * GROUP / 2);
+                const vint v = vi_load(wr[r] + g * GROUP / 2);
+                first[r] = vi_low_nibbles(v), last[r] = vi_high_nibbles(v);
+                scales[r] = vf_spread(codes[r], j);
+            }
+            UNROLL for (int m = 0; m < M; m++) {
+                const int8_t *xg = a->q + m * row_stride(K) + g * GROUP;
+                const vint x0 = vi_load(xg), x1 = vi_load(xg + 4 * LANES);
+                const vfloat xs = vf_load(a->spread + m * 4 * groups + 4 * g);
+                UNROLL for (int r = 0; r < NR; r++) {
+                    const vint d = vi_dot_bytes(vi_dot_bytes(vi_zero(), first[r], x0), last[r], x1);
+                    acc[m][r] = vf_fmadd(vf_from_int(d), vf_mul(scales[r], xs), acc[m][r]);
+                }
             }
         }
     }
